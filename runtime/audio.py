@@ -1,0 +1,153 @@
+"""Audio geometry and audio input: the one place that says how speech becomes embedding rows.
+
+    samples (16 kHz mono float32)
+      -> log-mel frames      one per HOP_LENGTH samples (10 ms)
+      -> encoder frames      conv2 has stride 2: one per 20 ms
+      -> adaptor rows        stack_factor encoder frames become one LLM embedding row
+      + 2 rows               learned begin/end-of-audio embeddings around every audio segment
+
+Whisper's encoder has a table of 1500 positions (30 s); longer audio is cut into 30 s chunks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000  # Hz
+N_FFT = 400  # samples, 25 ms window
+HOP_LENGTH = 160  # samples, 10 ms between log-mel frames
+ENCODER_STRIDE = 2  # log-mel frames per encoder frame
+MAX_ENCODER_POSITIONS = 1500  # encoder frames in Whisper's positional table: 30 s
+N_BOUNDARY_ROWS = 2  # begin-of-audio and end-of-audio rows added by the adaptor
+
+
+@dataclass(frozen=True)
+class AudioGeometry:
+    """Geometry of one audio encoder + adaptor; stored in checkpoints and bundle manifests."""
+
+    n_mels: int = 80
+    stack_factor: int = 4
+    sample_rate: int = SAMPLE_RATE
+    n_fft: int = N_FFT
+    hop_length: int = HOP_LENGTH
+    encoder_stride: int = ENCODER_STRIDE
+    max_encoder_positions: int = MAX_ENCODER_POSITIONS
+    boundary_rows: int = N_BOUNDARY_ROWS
+
+    def __post_init__(self):
+        if self.n_mels not in (80, 128):
+            raise ValueError(f"n_mels must be 80 or 128 (Whisper's), got {self.n_mels}")
+        if self.stack_factor < 1:
+            raise ValueError(f"stack_factor must be >= 1, got {self.stack_factor}")
+        if (self.sample_rate, self.n_fft, self.hop_length, self.encoder_stride) != (
+            SAMPLE_RATE, N_FFT, HOP_LENGTH, ENCODER_STRIDE):
+            raise ValueError("Whisper geometry is fixed: 16 kHz, n_fft 400, hop 160, stride 2")
+
+    @property
+    def max_chunk_samples(self) -> int:
+        """Longest audio one encoder pass takes (30 s)."""
+        return self.max_encoder_positions * self.encoder_stride * self.hop_length
+
+    def n_frames(self, n_samples: int) -> int:
+        """log-mel frames for n_samples (Whisper drops the last STFT frame)."""
+        return n_samples // self.hop_length
+
+    def n_encoder_frames(self, n_frames: int) -> int:
+        """conv1 (stride 1) then conv2 (kernel 3, stride 2, padding 1)."""
+        return (n_frames - 1) // self.encoder_stride + 1
+
+    def n_rows_for_frames(self, n_frames: int) -> int:
+        """Adaptor output rows for one encoder pass over n_frames log-mel frames."""
+        return math.ceil(self.n_encoder_frames(n_frames) / self.stack_factor) + self.boundary_rows
+
+    def chunks(self, n_samples: int) -> list[tuple[int, int]]:
+        """(start, end) sample ranges of the encoder passes for n_samples of audio."""
+        step = self.max_chunk_samples
+        return [(s, min(s + step, n_samples)) for s in range(0, max(n_samples, 1), step)]
+
+    def n_embeddings(self, n_samples: int) -> int:
+        """LLM embedding rows that n_samples of audio become (all chunks together)."""
+        return sum(self.n_rows_for_frames(self.n_frames(e - s)) for s, e in self.chunks(n_samples))
+
+    @property
+    def embeddings_per_second(self) -> float:
+        return self.sample_rate / (self.hop_length * self.encoder_stride * self.stack_factor)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AudioGeometry":
+        return cls(**d)
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: missing, unreadable, empty or silent."""
+
+
+MIN_SAMPLES = SAMPLE_RATE // 10  # 0.1 s: shorter input carries no speech
+
+
+def load_audio(source, sample_rate: int | None = None) -> np.ndarray:
+    """Return float32 mono samples at 16 kHz from a path or an array (with its sample_rate)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise AudioError(f"audio file not found: {path}")
+        try:
+            import soundfile
+        except ImportError as e:  # pragma: no cover - soundfile is a core dependency
+            raise AudioError("reading audio files needs soundfile: pip install soundfile") from e
+        try:
+            data, sample_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+            raise AudioError(f"cannot read audio from {path}: {str(e).splitlines()[0]}") from None
+        samples = data.mean(axis=1)
+        what = str(path)
+    else:
+        samples = np.asarray(source)
+        if samples.ndim == 2:  # (n, channels) like soundfile
+            samples = samples.mean(axis=1)
+        if samples.ndim != 1:
+            raise AudioError(f"audio array must be 1-D mono or (n, channels), got shape {samples.shape}")
+        if not np.issubdtype(samples.dtype, np.floating):
+            raise AudioError(f"audio array must be float samples in [-1, 1], got dtype {samples.dtype}")
+        sample_rate = SAMPLE_RATE if sample_rate is None else sample_rate
+        what = "audio array"
+    samples = np.asarray(samples, dtype=np.float32)
+    if sample_rate != SAMPLE_RATE:
+        samples = resample(samples, sample_rate, SAMPLE_RATE)
+    if samples.size < MIN_SAMPLES:
+        raise AudioError(f"{what} is too short: {samples.size / SAMPLE_RATE:.3f} s, need at least 0.1 s")
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{what} contains NaN or infinite samples")
+    if float(np.max(np.abs(samples))) < 1e-4:
+        raise AudioError(f"{what} is silent")
+    return samples
+
+
+def resample(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """Band-limited resampling (windowed sinc), numpy only."""
+    if rate_in <= 0:
+        raise AudioError(f"sample rate must be positive, got {rate_in}")
+    if rate_in == rate_out:
+        return samples.astype(np.float32)
+    g = math.gcd(rate_in, rate_out)
+    up, down = rate_out // g, rate_in // g
+    n_out = int(math.ceil(samples.size * up / down))
+    cutoff = min(1.0, up / down)  # relative to the input Nyquist
+    half = 16  # filter half-width in input samples (at the lower rate)
+    taps = np.arange(-half / cutoff + 1, half / cutoff + 1).astype(np.int64)  # (K,)
+    window = np.kaiser(taps.size, 8.0)
+    out = np.empty(n_out, dtype=np.float32)
+    for start in range(0, n_out, 16384):  # blocks keep the (n, K) temporaries small
+        t = np.arange(start, min(start + 16384, n_out)) * (down / up)  # output times, in input samples
+        idx = np.floor(t).astype(np.int64)[:, None] + taps[None, :]  # (n, K)
+        w = cutoff * np.sinc(cutoff * (t[:, None] - idx)) * window[None, :]
+        valid = (idx >= 0) & (idx < samples.size)
+        vals = np.where(valid, samples[np.clip(idx, 0, samples.size - 1)], 0.0)
+        out[start:start + t.size] = (vals * w).sum(axis=1)
+    return out

@@ -1,0 +1,84 @@
+"""Tiny random models and a tiny tokenizer, built in code: tests never download."""
+from __future__ import annotations
+
+import numpy as np
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# A ChatML template written for these tests (Qwen-style: a default system block when none is given).
+CHATML = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a tiny test model.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "Transcribe the audio.", "What is the capital of France? Paris.", "hello world, the quick brown fox jumps",
+    "You are a helpful assistant.", "one two three four five six seven eight nine ten", "你好，世界。今天天气很好。",
+    "Speech goes in as embeddings between text segments.", "user assistant system",
+]
+
+
+def tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer (GPT-2 pre-tokenizer) with ChatML specials, as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                 bos_token=None, unk_token=None)
+    hf.chat_template = CHATML
+    return hf
+
+
+def lm_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2):
+    """A tiny causal-LM config of a given architecture: qwen2, llama or gemma3."""
+    import transformers as T
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+    if arch == "qwen2":
+        return T.Qwen2Config(**common, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
+    if arch == "llama":
+        return T.LlamaConfig(**common, rope_theta=500_000.0, rms_norm_eps=1e-5)
+    if arch == "gemma3":
+        return T.Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
+                                  rms_norm_eps=1e-6)
+    raise ValueError(f"unknown tiny arch {arch!r}")
+
+
+def lm(arch: str = "qwen2", vocab_size: int = 384, seed: int = 0, **kw):
+    import torch
+    import transformers as T
+
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(lm_config(arch, vocab_size, **kw))
+    with torch.no_grad():  # random norms, so a wrong norm convention shows up in parity tests
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def whisper_config(n_mels: int = 80, d_model: int = 32, layers: int = 2):
+    import transformers as T
+
+    return T.WhisperConfig(num_mel_bins=n_mels, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * d_model,
+                           decoder_ffn_dim=2 * d_model, vocab_size=128, max_source_positions=1500,
+                           max_target_positions=64)
+
+
+def speech(seconds: float = 1.0, seed: int = 0, rate: int = 16_000) -> np.ndarray:
+    """Synthetic voiced sound: a few harmonics with a wandering pitch plus a little noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    x = sum(np.sin(k * phase) / k for k in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    return (0.2 * x + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
