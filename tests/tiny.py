@@ -71,7 +71,8 @@ def whisper_config(n_mels: int = 80, d_model: int = 32, layers: int = 2):
     return T.WhisperConfig(num_mel_bins=n_mels, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * d_model,
                            decoder_ffn_dim=2 * d_model, vocab_size=128, max_source_positions=1500,
-                           max_target_positions=64)
+                           max_target_positions=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                           decoder_start_token_id=3, begin_suppress_tokens=None, suppress_tokens=None)
 
 
 def speech(seconds: float = 1.0, seed: int = 0, rate: int = 16_000) -> np.ndarray:

@@ -1,0 +1,115 @@
+"""Checkpoint directory: what training learned plus the config to rebuild the model around it.
+
+    config.json            format, version, model config (LLaSMConfig), base model paths, training config
+    adaptor.safetensors    the modal adaptor
+    lora/                  LoRA adapter of the LLM (peft format), when stage 2 used LoRA
+    llm.safetensors        full LLM weights, when stage 2 fine-tuned the whole LLM
+
+Written to a temporary sibling directory and renamed into place, so a kill never leaves half a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .base import load_llm, load_whisper
+from .model import LLaSMConfig, LLaSMModel
+
+FORMAT = "llasm-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _is_peft(llm) -> bool:
+    return hasattr(llm, "peft_config")
+
+
+def save_checkpoint(model: LLaSMModel, out_dir, base: dict, train: dict | None = None, llm_mode: str = "frozen") -> Path:
+    """llm_mode: 'frozen' (stage 1), 'lora' or 'full'."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.adaptor.state_dict().items()},
+                  str(tmp / "adaptor.safetensors"))
+        if llm_mode == "lora":
+            model.llm.save_pretrained(str(tmp / "lora"))
+        elif llm_mode == "full":
+            state = {k: v.detach().contiguous().cpu() for k, v in model.llm.state_dict().items()}
+            if getattr(model.llm.config, "tie_word_embeddings", False):
+                state.pop("lm_head.weight", None)
+            save_file(state, str(tmp / "llm.safetensors"))
+        elif llm_mode != "frozen":
+            raise ValueError(f"llm_mode must be frozen, lora or full, got {llm_mode!r}")
+        config = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(), "base": base,
+                  "llm_mode": llm_mode, "train": train or {}}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_config(path) -> dict:
+    path = Path(path)
+    f = path / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"not a checkpoint: {path} has no config.json")
+    try:
+        config = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON: {e.msg}") from None
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a llasm checkpoint (format {config.get('format')!r}, expected {FORMAT!r})")
+    if config.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint version {config.get('version')} is not supported (expected {VERSION})")
+    return config
+
+
+def load_checkpoint(path, merge_lora: bool = False):
+    """-> (LLaSMModel, tokenizer, config dict). The base models come from config['base']."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = read_config(path)
+    cfg = LLaSMConfig.from_dict(config["model"])
+    encoder = load_whisper(config["base"]["whisper"])
+    llm, tokenizer = load_llm(config["base"]["llm"])
+    if llm.config.model_type != cfg.llm_arch:
+        raise CheckpointError(f"checkpoint was trained on a {cfg.llm_arch} LLM, base is {llm.config.model_type}")
+    if encoder.cfg != cfg.encoder:
+        raise CheckpointError(f"checkpoint's encoder config {cfg.encoder} differs from the base's {encoder.cfg}")
+    mode = config.get("llm_mode", "frozen")
+    if mode == "full":
+        llm.load_state_dict(load_file(str(path / "llm.safetensors")), strict=False)
+    elif mode == "lora":
+        from peft import PeftModel
+
+        llm = PeftModel.from_pretrained(llm, str(path / "lora"))
+        if merge_lora:
+            llm = llm.merge_and_unload()
+    model = LLaSMModel(cfg, encoder, llm)
+    state = load_file(str(path / "adaptor.safetensors"))
+    try:
+        model.adaptor.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"adaptor weights in {path} do not fit the config: {str(e).splitlines()[0]}") from None
+    return model.eval(), tokenizer, config

@@ -1,0 +1,121 @@
+"""LLaSM in torch: frozen Whisper encoder -> modal adaptor -> causal LM reading embeddings between text.
+
+A batch holds every audio chunk of every sample as one padded log-mel tensor, and each sample as a list of
+pieces: text (token ids + labels) or audio (indices of its chunks). Audio rows are spliced in between text
+embeddings; no vocabulary token stands for audio.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..runtime.audio import AudioGeometry
+from ..runtime.prompt import TRANSCRIBE_INSTRUCTION, PromptFormat
+from .adaptor import AdaptorConfig, build_adaptor
+from .whisper import WhisperEncoder, WhisperEncoderConfig
+
+IGNORE = -100  # label of positions that carry no loss
+
+
+@dataclass(frozen=True)
+class LLaSMConfig:
+    encoder: WhisperEncoderConfig
+    adaptor: AdaptorConfig
+    prompt: PromptFormat
+    llm_arch: str
+    transcribe_instruction: str = TRANSCRIBE_INSTRUCTION
+
+    @property
+    def geometry(self) -> AudioGeometry:
+        return AudioGeometry(n_mels=self.encoder.n_mels, stack_factor=self.adaptor.stack_factor)
+
+    def to_dict(self) -> dict:
+        return {"encoder": self.encoder.to_dict(), "adaptor": self.adaptor.to_dict(), "prompt": self.prompt.to_dict(),
+                "llm_arch": self.llm_arch, "transcribe_instruction": self.transcribe_instruction}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LLaSMConfig":
+        return cls(encoder=WhisperEncoderConfig(**d["encoder"]), adaptor=AdaptorConfig(**d["adaptor"]),
+                   prompt=PromptFormat.from_dict(d["prompt"]), llm_arch=d["llm_arch"],
+                   transcribe_instruction=d.get("transcribe_instruction", TRANSCRIBE_INSTRUCTION))
+
+
+@dataclass
+class Batch:
+    mel: torch.Tensor  # (A, n_mels, T) every audio chunk in the batch, zero-padded
+    n_frames: torch.Tensor  # (A,) real log-mel frames per chunk
+    items: list = field(default_factory=list)  # per sample: [("text", ids, labels) | ("audio", [chunk, ...])]
+
+    def to(self, device) -> "Batch":
+        items = [[(p[0], p[1].to(device), p[2].to(device)) if p[0] == "text" else p for p in it] for it in self.items]
+        return Batch(self.mel.to(device), self.n_frames.to(device), items)
+
+
+class LLaSMModel(nn.Module):
+    def __init__(self, cfg: LLaSMConfig, encoder: WhisperEncoder, llm: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.llm = llm
+        with torch.no_grad():
+            embed_std = float(self.embed_tokens(torch.arange(min(1024, llm.config.vocab_size))).float().std())
+        self.adaptor = build_adaptor(cfg.adaptor, embed_std)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings as the LLM reads them (Gemma's scaling included by its embedding module)."""
+        return self.llm.get_input_embeddings()(ids)
+
+    def audio_rows(self, mel: torch.Tensor, n_frames: torch.Tensor) -> list[torch.Tensor]:
+        """(A, n_mels, T) chunks -> per chunk (rows, D), in the LLM's input-embedding space."""
+        frames = self.encoder(mel, n_frames)  # (A, T', C), zero-independent of padding
+        n_enc = (n_frames - 1) // 2 + 1
+        keep = torch.arange(frames.shape[1], device=frames.device)[None, :] < n_enc[:, None]
+        frames = frames * keep[..., None].to(frames.dtype)  # (A, T', C), zero past each end
+        return self.adaptor.rows(frames, n_enc)
+
+    def assemble(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> inputs_embeds (B, L, D), attention_mask (B, L), labels (B, L), right-padded."""
+        rows = self.audio_rows(batch.mel, batch.n_frames) if batch.mel.numel() else []
+        seqs, labels = [], []
+        for item in batch.items:
+            parts, labs = [], []
+            for piece in item:
+                if piece[0] == "text":
+                    parts.append(self.embed_tokens(piece[1]))
+                    labs.append(piece[2])
+                else:
+                    audio = torch.cat([rows[i] for i in piece[1]], dim=0)
+                    parts.append(audio.to(parts[0].dtype if parts else audio.dtype))
+                    labs.append(torch.full((audio.shape[0],), IGNORE, dtype=torch.long, device=audio.device))
+            seqs.append(torch.cat(parts, dim=0))
+            labels.append(torch.cat(labs, dim=0))
+        L = max(s.shape[0] for s in seqs)
+        D = seqs[0].shape[1]
+        embeds = seqs[0].new_zeros(len(seqs), L, D)
+        mask = torch.zeros(len(seqs), L, dtype=torch.long, device=embeds.device)
+        lab = torch.full((len(seqs), L), IGNORE, dtype=torch.long, device=embeds.device)
+        for i, (s, l) in enumerate(zip(seqs, labels)):
+            embeds[i, : s.shape[0]] = s
+            mask[i, : s.shape[0]] = 1
+            lab[i, : s.shape[0]] = l
+        return embeds, mask, lab
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Mean next-token cross-entropy over labelled positions; logits only where the loss needs them."""
+        embeds, mask, labels = self.assemble(batch)
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, L, D)
+        target = labels[:, 1:]
+        where = target != IGNORE
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][where])  # (N, V)
+        cap = getattr(self.llm.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits.float(), target[where])
+
+    @torch.no_grad()
+    def logits(self, embeds: torch.Tensor) -> torch.Tensor:
+        """(1, L, D) input embeddings -> (1, L, V) logits (for parity checks)."""
+        return self.llm(inputs_embeds=embeds).logits
