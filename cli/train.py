@@ -1,0 +1,44 @@
+"""llasm-train PRESET.toml [--set key=value ...]: one training stage from a preset file."""
+from __future__ import annotations
+
+import argparse
+import tomllib
+from dataclasses import fields
+
+from .common import one_line_errors, setup_logging
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="llasm-train", description="Train one LLaSM stage from a preset (TOML).")
+    p.add_argument("preset", help="TOML file with TrainConfig fields (stage, data, out, whisper, llm, ...)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset field")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    setup_logging(args.quiet)
+    with one_line_errors("llasm-train"):
+        from ..training.trainer import TrainConfig, train
+
+        with open(args.preset, "rb") as f:
+            values = tomllib.load(f)
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+            values[key.strip()] = _parse_value(value.strip())
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown preset fields {unknown}; known: {sorted(known)}")
+        path = train(TrainConfig(**values))
+    print(f"checkpoint: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Checkpoint -> bundle: audio_encoder.onnx + llm.gguf + manifest.json, each verified, written atomically."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..runtime import bundle as B
+from ..runtime.llm import LLM
+from ..runtime.prompt import Turn
+from .onnx import ExportError, export_audio_encoder, quantize_int8, verify_audio_encoder
+
+log = logging.getLogger(__name__)
+
+ONNX_PRECISIONS = ("fp32", "int8")
+GGUF_TYPES = ("f32", "f16")
+
+
+@dataclass
+class ExportReport:
+    bundle: Path
+    files: dict = field(default_factory=dict)  # name -> size in bytes
+    checks: dict = field(default_factory=dict)  # name -> measured value
+
+
+def _check_llm_parity(model, tokenizer, gguf: Path, onnx_rows: np.ndarray, gguf_type: str) -> dict:
+    """llama.cpp vs torch next-token logits on one fixed audio + text prompt, and tokenization parity."""
+    samples = _probe_audio()
+    segments = model.cfg.prompt.render([Turn("user", (samples, "What was said?"))])
+    llm = LLM(gguf, n_ctx=1024, n_batch=256)
+    try:
+        embeds = []
+        for seg in segments:
+            if seg.is_audio:
+                llm.eval_embeddings(onnx_rows)
+                embeds.append(torch.from_numpy(onnx_rows))
+            else:
+                ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+                if llm.tokenize(seg.text) != ids:
+                    raise ExportError(f"llama.cpp tokenizes {seg.text!r} differently from the training tokenizer")
+                llm.eval_tokens(ids)
+                with torch.no_grad():
+                    embeds.append(model.embed_tokens(torch.tensor(ids)).float())
+        got = llm.logits()
+    finally:
+        llm.close()
+    want = model.logits(torch.cat(embeds)[None].to(next(model.llm.parameters()).dtype))[0, -1].float().numpy()
+    max_diff = float(np.abs(got - want).max())
+    rel = max_diff / float(np.abs(want).max() + 1e-6)
+    p = np.exp(want - want.max()); p /= p.sum()
+    q = np.exp(got - got.max()); q /= q.sum()
+    kl = float((p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum())
+    tol = {"f32": 1e-3, "f16": 3e-2}[gguf_type]
+    if int(np.argmax(got)) != int(np.argmax(want)) or rel > tol:
+        raise ExportError(f"{gguf_type} GGUF disagrees with torch: top-1 {int(np.argmax(got))} vs "
+                          f"{int(np.argmax(want))}, max logit difference {max_diff:.3g} ({rel:.2%} of scale)")
+    return {"llm_max_logit_diff": max_diff, "llm_kl": kl}
+
+
+def _probe_audio(seconds: float = 1.5) -> np.ndarray:
+    """A fixed voiced test signal (no data files needed at export time)."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    phase = 2 * np.pi * np.cumsum(140 + 20 * np.sin(2 * np.pi * 0.8 * t)) / 16000
+    return (0.2 * sum(np.sin(k * phase) / k for k in range(1, 6))).astype(np.float32)
+
+
+def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str = "f16",
+                  overwrite: bool = False) -> ExportReport:
+    from ..training.checkpoint import load_checkpoint
+    from .gguf import write_gguf
+
+    if onnx_precision not in ONNX_PRECISIONS:
+        raise ValueError(f"onnx precision must be one of {ONNX_PRECISIONS}, got {onnx_precision!r}")
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"gguf type must be one of {GGUF_TYPES}, got {gguf_type!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite to replace it")
+    model, tokenizer, ckpt = load_checkpoint(checkpoint, merge_lora=True)
+    model = model.float().eval()
+    geometry = model.cfg.geometry
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    report = ExportReport(out)
+    try:
+        onnx_path = tmp / "audio_encoder.onnx"
+        log.info("exporting audio encoder + adaptor to ONNX")
+        export_audio_encoder(model.encoder, model.adaptor, geometry, onnx_path)
+        r = verify_audio_encoder(model.encoder, model.adaptor, geometry, onnx_path, "fp32")
+        report.checks["onnx_fp32_max_abs_diff"] = r.max_abs_diff
+        if onnx_precision == "int8":
+            q = tmp / "audio_encoder.int8.onnx"
+            quantize_int8(onnx_path, q)
+            r = verify_audio_encoder(model.encoder, model.adaptor, geometry, q, "int8")
+            report.checks["onnx_int8_min_cosine"] = r.min_cosine
+            os.replace(q, onnx_path)
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        from ..runtime.features import log_mel
+
+        rows = session.run(None, {"mel": log_mel(_probe_audio(), geometry.n_mels)[None]})[0]
+        log.info("writing %s GGUF", gguf_type)
+        gguf_path = tmp / "llm.gguf"
+        write_gguf(model.llm, tokenizer, gguf_path, dtype=gguf_type)
+        report.checks.update(_check_llm_parity(model, tokenizer, gguf_path, rows, gguf_type))
+        manifest = {
+            "format": B.FORMAT, "version": B.VERSION,
+            "geometry": geometry.to_dict(), "prompt": model.cfg.prompt.to_dict(),
+            "transcribe_instruction": model.cfg.transcribe_instruction,
+            "n_embd": int(model.llm.config.hidden_size),
+            "files": {B.AUDIO_ENCODER: B.file_entry(onnx_path) | {"precision": onnx_precision},
+                      B.LLM: B.file_entry(gguf_path) | {"type": gguf_type}},
+            "provenance": {"base": ckpt["base"], "llm_arch": model.cfg.llm_arch, "llm_mode": ckpt.get("llm_mode"),
+                           "checkpoint": str(Path(checkpoint).resolve())},
+            "checks": report.checks,
+        }
+        (tmp / B.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        B.read_bundle(tmp)  # the manifest describes what is there
+        report.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report

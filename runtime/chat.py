@@ -1,0 +1,224 @@
+"""The Python API for desktop apps: load a bundle, hold conversations, stream answers.
+
+    from llasm import LLaSM
+    model = LLaSM.load("bundle/")
+    chat = model.chat()
+    reply = chat.send(audio="q.wav")          # or text="...", or both
+    for piece in chat.stream(text="and why?"):
+        print(piece, end="")
+"""
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, AudioError, load_audio
+from .bundle import Bundle, BundleError, read_bundle
+from .encoder import AudioEncoder
+from .llm import LLM
+from .prompt import Turn, transcribe_turns
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUNDLE_ENV = "LLASM_BUNDLE"
+
+
+def default_bundle_path() -> Path:
+    env = os.environ.get(DEFAULT_BUNDLE_ENV)
+    if env:
+        return Path(env)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "llasm" / "bundles" / "default"
+
+
+@dataclass
+class Reply:
+    text: str
+    timings: dict = field(default_factory=dict)  # ms: features, encode, prefill, first_token, total
+    tokens: int = 0
+    tokens_per_s: float = 0.0
+    audio_seconds: float = 0.0
+
+
+class LLaSM:
+    """A loaded bundle: the audio encoder (onnxruntime) and the LLM (llama.cpp)."""
+
+    def __init__(self, bundle: Bundle, encoder: AudioEncoder, llm: LLM):
+        self.bundle = bundle
+        self.encoder = encoder
+        self.llm = llm
+        self.lock = threading.Lock()  # one llama.cpp context: one turn at a time
+        self.owner = None  # the Chat whose history the KV cache holds
+
+    @classmethod
+    def load(cls, bundle=None, n_threads: int | None = None, n_gpu_layers: int = 0, n_ctx: int = 4096,
+             verify: bool = True, verbose: bool = False) -> "LLaSM":
+        path = Path(bundle) if bundle is not None else default_bundle_path()
+        if bundle is None and not path.is_dir():
+            raise BundleError(f"no default bundle at {path}: pass a bundle directory (llasm-export builds one) "
+                              f"or set {DEFAULT_BUNDLE_ENV}")
+        b = read_bundle(path, verify=verify)
+        encoder = AudioEncoder(b.audio_encoder, b.geometry, n_threads=n_threads)
+        if encoder.n_embd != b.n_embd:
+            raise BundleError(f"bundle needs n_embd {b.n_embd}, audio encoder gives {encoder.n_embd}")
+        llm = LLM(b.llm, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
+        if llm.n_embd != b.n_embd:
+            raise BundleError(f"bundle needs n_embd {b.n_embd}, the LLM has {llm.n_embd}")
+        llm.warm_up()
+        return cls(b, encoder, llm)
+
+    def chat(self, system: str | None = None) -> "Chat":
+        return Chat(self, system)
+
+    def transcribe(self, audio, sample_rate: int | None = None, max_tokens: int = 256) -> str:
+        """Speech to text through the LLM, with the bundle's transcribe instruction; leaves no history."""
+        chat = Chat(self, system=None)
+        return chat.send(audio=audio, sample_rate=sample_rate, max_tokens=max_tokens,
+                         _turns=transcribe_turns(None, self.bundle.transcribe_instruction)).text.strip()
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class Chat:
+    """One conversation. Its KV cache lives across turns; earlier audio is never encoded or prefilled again."""
+
+    def __init__(self, model: LLaSM, system: str | None = None):
+        self.model = model
+        self.system = system
+        self.turns: list[Turn] = []  # the conversation so far (audio parts as sample arrays)
+        self._fed: list = []  # what this chat put in the KV cache: token lists and embedding arrays
+        self._cancel = threading.Event()
+
+    def reset(self) -> None:
+        with self.model.lock:
+            self.turns, self._fed = [], []
+            if self.model.owner is self:
+                self.model.llm.truncate(0)
+
+    def cancel(self) -> None:
+        """Stop the answer being generated (from any thread); the partial answer stays in the history."""
+        self._cancel.set()
+
+    def send(self, audio=None, text: str | None = None, **kw) -> Reply:
+        reply = Reply("")
+        pieces = list(self.stream(audio=audio, text=text, _reply=reply, **kw))
+        reply.text = "".join(pieces)
+        return reply
+
+    def stream(self, audio=None, text: str | None = None, sample_rate: int | None = None, max_tokens: int = 512,
+               temperature: float = 0.0, seed: int = 0, _reply: Reply | None = None,
+               _turns: list[Turn] | None = None) -> Iterator[str]:
+        """Text pieces of the answer as they are generated."""
+        reply = _reply if _reply is not None else Reply("")
+        t0 = time.perf_counter()
+        samples = None
+        if audio is not None:
+            samples = load_audio(audio, sample_rate)  # AudioError before anything changes
+            reply.audio_seconds = samples.size / SAMPLE_RATE
+        elif text is None:
+            raise ValueError("a turn needs audio, text or both")
+        if _turns is not None:  # a one-off prompt (transcribe): its audio part is this turn's audio
+            turn_list = [Turn(t.role, tuple(samples if p is None else p for p in t.parts)) for t in _turns]
+        else:
+            parts = ([samples] if samples is not None else []) + ([text] if text else [])
+            turn_list = [Turn("user", tuple(parts))]
+        segments = self.model.bundle.prompt.render(turn_list, add_generation_prompt=True, system=self.system,
+                                                   start=not self.turns)
+        t_feat = t_enc = 0.0
+        feed: list = []
+        for seg in segments:  # encode before touching the KV cache: bad audio changes nothing
+            if seg.is_audio:
+                a = time.perf_counter()
+                mels = self.model.encoder.features(seg.audio)
+                b = time.perf_counter()
+                feed.append(self.model.encoder.encode(mels))
+                t_feat += b - a
+                t_enc += time.perf_counter() - b
+            else:
+                feed.append(self.model.llm.tokenize(seg.text))
+        yield from self._generate(feed, turn_list, reply, t0, t_feat, t_enc, max_tokens, temperature, seed)
+
+    def _sync(self) -> None:
+        """Make the KV cache hold exactly this chat's history (another chat may have used it)."""
+        llm = self.model.llm
+        if self.model.owner is self and llm.n_past == sum(len(f) for f in self._fed):
+            return
+        llm.truncate(0)
+        self.model.owner = None
+        for f in self._fed:
+            (llm.eval_embeddings if isinstance(f, np.ndarray) else llm.eval_tokens)(f)
+        self.model.owner = self
+
+    def _generate(self, feed, turn_list, reply, t0, t_feat, t_enc, max_tokens, temperature, seed):
+        llm = self.model.llm
+        prompt = self.model.bundle.prompt
+        with self.model.lock:
+            self._cancel.clear()
+            self._sync()
+            start = llm.n_past
+            try:
+                a = time.perf_counter()
+                for f in feed:
+                    (llm.eval_embeddings if isinstance(f, np.ndarray) else llm.eval_tokens)(f)
+                t_prefill = time.perf_counter() - a
+            except BaseException:
+                llm.truncate(start)  # a failed turn leaves the conversation as it was
+                raise
+            rng = np.random.default_rng(seed)
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            generated: list[int] = []
+            text = ""
+            t_first = None
+            stops = prompt.stop
+            try:
+                while len(generated) < max_tokens and not self._cancel.is_set():
+                    token = _sample(llm.logits(), temperature, rng)
+                    if llm.is_eog(token):
+                        break
+                    generated.append(token)
+                    piece = decoder.decode(llm.piece(token))
+                    text += piece
+                    if stops and any(s in text for s in stops):
+                        text = text[: min(text.index(s) for s in stops if s in text)]
+                        break
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    if piece:
+                        yield piece
+                    llm.eval_tokens([token])
+            finally:
+                # Close the assistant turn as training rendered it, even for an abandoned stream.
+                end = llm.tokenize(prompt.end_of_turn)
+                kept = llm.n_past
+                try:
+                    llm.eval_tokens(end)
+                except Exception:
+                    llm.truncate(kept)
+                self._fed.extend(feed)
+                self._fed.append(generated[: kept - start - sum(len(f) for f in feed)] + end)
+                self.turns.extend(turn_list)
+                self.turns.append(Turn("assistant", (text,)))
+                now = time.perf_counter()
+                decode_s = now - (t_first or now)
+                reply.tokens = len(generated)
+                reply.tokens_per_s = (len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0
+                reply.timings = {"features": 1e3 * t_feat, "encode": 1e3 * t_enc, "prefill": 1e3 * t_prefill,
+                                 "first_token": 1e3 * ((t_first or now) - t0), "total": 1e3 * (now - t0)}
+                reply.text = text
+
+
+def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    return int(rng.choice(p.size, p=p / p.sum()))

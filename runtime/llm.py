@@ -1,0 +1,139 @@
+"""llama.cpp through llama-cpp-python: text as tokens, audio as embedding batches, one KV cache we track.
+
+llama.cpp reuses KV by token ids, but audio rows have none; so `cache` records what every KV position holds
+(a token id, or EMBEDDING for an audio row) and the caller truncates or extends it explicitly.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+EMBEDDING = -1  # cache entry of a position filled from an embedding row
+
+
+class LLMError(RuntimeError):
+    pass
+
+
+class ContextFull(LLMError):
+    pass
+
+
+class LLM:
+    def __init__(self, path, n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, seed: int = 0, verbose: bool = False):
+        try:
+            import llama_cpp
+        except ImportError as e:
+            raise LLMError("llama-cpp-python is not installed: pip install llama-cpp-python") from e
+        self._lib = llama_cpp
+        n_threads = n_threads or max(1, os.cpu_count() or 1)
+        try:
+            self._llama = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                                          n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers,
+                                          seed=seed, verbose=verbose)
+        except ValueError as e:
+            raise LLMError(f"llama.cpp cannot load {path}: {e}") from None
+        self.ctx = self._llama.ctx
+        self.model = self._llama.model
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_embd = int(llama_cpp.llama_model_n_embd(self.model))
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
+        self.n_batch = n_batch
+        self._tokens = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._embeds = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
+        self.cache: list[int] = []
+
+    @property
+    def n_past(self) -> int:
+        return len(self.cache)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Text with special tokens parsed (chat markup), never an implicit BOS: the prompt format adds it."""
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a generated token stands for (control tokens give none)."""
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
+
+    def _room(self, n: int) -> None:
+        if self.n_past + n > self.n_ctx:
+            raise ContextFull(f"context full: {self.n_past} + {n} positions exceed n_ctx {self.n_ctx}")
+
+    def _decode(self, batch, n: int, what: str) -> None:
+        batch.n_tokens = n
+        for i in range(n):
+            batch.pos[i] = self.n_past + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i == n - 1
+        rc = self._lib.llama_decode(self.ctx, batch)
+        if rc != 0:
+            self.truncate(self.n_past)  # drop whatever the failed batch may have left in the KV cache
+            raise LLMError(f"llama_decode failed on {n} {what} (code {rc})")
+
+    def eval_tokens(self, ids: list[int]) -> None:
+        self._room(len(ids))
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start:start + self.n_batch]
+            for i, t in enumerate(chunk):
+                self._tokens.token[i] = t
+            self._decode(self._tokens, len(chunk), "tokens")
+            self.cache.extend(chunk)
+
+    def eval_embeddings(self, rows: np.ndarray) -> None:
+        """(n, n_embd) rows in the LLM's input-embedding space, fed in batches of at most n_batch."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.n_embd:
+            raise LLMError(f"embedding rows have shape {rows.shape}, the LLM takes (n, {self.n_embd})")
+        self._room(rows.shape[0])
+        for start in range(0, rows.shape[0], self.n_batch):
+            chunk = rows[start:start + self.n_batch]
+            ctypes.memmove(self._embeds.embd, chunk.ctypes.data, chunk.nbytes)
+            self._decode(self._embeds, chunk.shape[0], "embedding rows")
+            self.cache.extend([EMBEDDING] * chunk.shape[0])
+
+    def logits(self) -> np.ndarray:
+        """Logits after the last evaluated position, (n_vocab,) float32 copy."""
+        ptr = self._lib.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def truncate(self, n: int) -> None:
+        """Forget KV positions n and later."""
+        mem = self._lib.llama_get_memory(self.ctx)
+        self._lib.llama_memory_seq_rm(mem, 0, n, -1)
+        del self.cache[n:]
+
+    def warm_up(self) -> None:
+        """One decode of each kind, so the first real question does not pay for lazy initialisation."""
+        n = self.n_past
+        self.eval_tokens(self.tokenize("Hello") or [0])
+        self.eval_embeddings(np.zeros((2, self.n_embd), dtype=np.float32))
+        self.truncate(n)
+
+    def close(self) -> None:
+        if getattr(self, "_llama", None) is not None:
+            self._lib.llama_batch_free(self._tokens)
+            self._lib.llama_batch_free(self._embeds)
+            self._llama.close()
+            self._llama = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may already be gone
+            pass
