@@ -56,7 +56,10 @@ def write_gguf(model, tokenizer, path, *, dtype: str = "f16", chat_template: str
     dtype "f32" or "f16" applies to matrices; norms and other 1-D tensors stay f32 as llama.cpp expects.
     The chat template defaults to the tokenizer's. A half-written file is removed on error.
     """
-    import gguf
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("GGUF export needs gguf-py: pip install 'llasm[export]'") from e
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
