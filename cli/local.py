@@ -40,7 +40,7 @@ def _interactive(chat, args) -> None:
     print(f"llasm: type a question, /audio FILE to ask with speech, /help for commands.", file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            line = input("> " if sys.stdin.isatty() else "")  # no prompt in piped output
         except EOFError:
             print(file=sys.stderr)
             return
@@ -89,7 +89,11 @@ def main(argv=None) -> None:
         p.error("--transcribe needs --audio")
     setup_logging(quiet=not args.verbose, verbose=args.verbose)
     try:
+        from ..runtime.audio import load_audio
         from ..runtime.chat import LLaSM
+
+        if args.audio:
+            load_audio(args.audio)  # a bad file fails before the model loads
 
         model = LLaSM.load(args.bundle, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
         if args.transcribe:

@@ -16,6 +16,26 @@ log = logging.getLogger(__name__)
 EMBEDDING = -1  # cache entry of a position filled from an embedding row
 
 
+_LLAMA_LOG_LEVELS = {1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+_llama_log = logging.getLogger(__name__ + ".llama_cpp")
+_log_callback = None  # kept referenced: llama.cpp holds a raw pointer to it
+
+
+def _route_llama_logs(llama_cpp) -> None:
+    """llama.cpp's own messages go to Python logging at DEBUG (the CLI shows them with -v), never to stderr."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        if _llama_log.isEnabledFor(logging.DEBUG):
+            _llama_log.debug("%s", text.decode("utf-8", "replace").rstrip())
+
+    _log_callback = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
 class LLMError(RuntimeError):
     pass
 
@@ -32,6 +52,7 @@ class LLM:
         except ImportError as e:
             raise LLMError("llama-cpp-python is not installed: pip install llama-cpp-python") from e
         self._lib = llama_cpp
+        _route_llama_logs(llama_cpp)
         n_threads = n_threads or max(1, os.cpu_count() or 1)
         try:
             self._llama = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,

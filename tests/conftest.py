@@ -38,3 +38,29 @@ def speech_data(tmp_path_factory):
     (root / "asr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in asr))
     (root / "conv.jsonl").write_text("".join(json.dumps(r) + "\n" for r in conv))
     return root
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_bases, speech_data, tmp_path_factory):
+    """A stage-2 (LoRA) checkpoint of the tiny models."""
+    pytest.importorskip("torch")
+    from llasm.training.trainer import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("chain")
+    s1 = train(TrainConfig(stage=1, data=str(speech_data / "asr.jsonl"), out=str(root / "s1"), steps=2,
+                           batch_size=2, lr=1e-2, warmup=1, stack_factor=2, **tiny_bases))
+    return train(TrainConfig(stage=2, init=str(s1), data=str(speech_data / "conv.jsonl"), out=str(root / "s2"),
+                             steps=2, batch_size=2, lr=1e-2, warmup=1, lora_rank=4))
+
+
+@pytest.fixture(scope="session")
+def bundle(checkpoint, tmp_path_factory):
+    """The tiny checkpoint exported: fp32 ONNX + f32 GGUF."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("onnxruntime")
+    from llasm.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    report = export_bundle(checkpoint, out, onnx_precision="fp32", gguf_type="f32")
+    assert report.checks["onnx_fp32_max_abs_diff"] < 1e-4
+    return out

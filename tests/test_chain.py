@@ -10,7 +10,6 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("onnxruntime")
 
 import tiny  # noqa: E402
-from llasm.export.bundle import export_bundle  # noqa: E402
 from llasm.runtime.bundle import BundleError, read_bundle  # noqa: E402
 from llasm.runtime.chat import LLaSM  # noqa: E402
 from llasm.runtime.encoder import AudioEncoder  # noqa: E402
@@ -18,24 +17,6 @@ from llasm.runtime.features import log_mel  # noqa: E402
 from llasm.runtime.llm import LLM  # noqa: E402
 from llasm.runtime.prompt import Turn  # noqa: E402
 from llasm.training.checkpoint import load_checkpoint  # noqa: E402
-from llasm.training.trainer import TrainConfig, train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_bases, speech_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("chain")
-    s1 = train(TrainConfig(stage=1, data=str(speech_data / "asr.jsonl"), out=str(root / "s1"), steps=2,
-                           batch_size=2, lr=1e-2, warmup=1, stack_factor=2, **tiny_bases))
-    return train(TrainConfig(stage=2, init=str(s1), data=str(speech_data / "conv.jsonl"), out=str(root / "s2"),
-                             steps=2, batch_size=2, lr=1e-2, warmup=1, lora_rank=4))
-
-
-@pytest.fixture(scope="module")
-def bundle(checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    report = export_bundle(checkpoint, out, onnx_precision="fp32", gguf_type="f32")
-    assert report.checks["onnx_fp32_max_abs_diff"] < 1e-4
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ import logging
 from pathlib import Path
 
 from ..runtime.prompt import PromptFormat
+from . import packaged
+from .ct2 import load_ct2_whisper_encoder
 from .whisper import WhisperEncoder, load_whisper_encoder
 
 log = logging.getLogger(__name__)
@@ -14,26 +16,43 @@ class BaseModelError(ValueError):
     pass
 
 
+def _local_path(spec: str) -> Path:
+    """A path spec as is; `package:NAME` resolved to the weights a package ships."""
+    if packaged.is_package_spec(spec):
+        try:
+            return packaged.resolve(spec)
+        except ValueError as e:
+            raise BaseModelError(str(e)) from e
+    return Path(spec)
+
+
 def load_whisper(spec: str) -> WhisperEncoder:
-    """A frozen Whisper encoder from a transformers Whisper directory."""
-    path = Path(spec)
-    if not (path / "config.json").is_file():
-        raise BaseModelError(f"no Whisper model at {spec}: expected a transformers directory with config.json")
-    return load_whisper_encoder(path)
+    """A frozen Whisper encoder from a CTranslate2 model (directory with model.bin, or the model.bin itself),
+    a transformers Whisper directory, or a `package:` spec (package:whisper-base, package:whisper-tiny.en)."""
+    path = _local_path(spec)
+    if path.is_file() or (path / "model.bin").is_file():
+        return load_ct2_whisper_encoder(path)
+    if (path / "config.json").is_file():
+        return load_whisper_encoder(path)
+    raise BaseModelError(f"no Whisper model at {spec}: expected a CTranslate2 directory or file (model.bin), "
+                         "a transformers directory with config.json, or package:whisper-base / "
+                         "package:whisper-tiny.en")
 
 
 def load_llm(spec: str):
-    """(causal LM, tokenizer) from a transformers directory or a GGUF file (dequantized to float)."""
+    """(causal LM, tokenizer) from a transformers directory, a GGUF file (dequantized to float) or a `package:`
+    spec (package:qwen2.5-0.5b)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(spec)
+    path = _local_path(spec)
     if path.is_file() and path.suffix == ".gguf":
         kw = {"gguf_file": path.name}
         path = path.parent
     elif (path / "config.json").is_file():
         kw = {}
     else:
-        raise BaseModelError(f"no LLM at {spec}: expected a transformers directory or a .gguf file")
+        raise BaseModelError(f"no LLM at {spec}: expected a transformers directory, a .gguf file or "
+                             "package:qwen2.5-0.5b")
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kw)
     model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
     return model, tokenizer
