@@ -82,3 +82,42 @@ def test_checkpoint_round_trip_is_identical(stage1, speech_data):
     batch = Collator(tok, a.cfg.prompt, a.cfg.geometry)(examples[:2])
     with torch.no_grad():
         assert torch.equal(a(batch), b(batch))
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(stage, stage1, tiny_bases, speech_data, tmp_path):
+    _, s1 = stage1
+    common = dict(stage=stage, steps=4, batch_size=2, lr=1e-2, warmup=2, save_every=2, lora_rank=4,
+                  data=str(speech_data / ("asr.jsonl" if stage == 1 else "conv.jsonl")))
+    common.update(tiny_bases if stage == 1 else {"init": str(s1)})
+    straight = train(TrainConfig(out=str(tmp_path / "straight"), **common))
+
+    def kill_at_3(step, loss):
+        if step == 3:
+            raise _Killed()
+
+    cfg = TrainConfig(out=str(tmp_path / "resumed"), **common)
+    with pytest.raises(_Killed):
+        train(cfg, on_step=kill_at_3)
+    assert load_checkpoint(cfg.out)[2]["train"]["step"] == 2  # the last save survived the kill
+    resumed = train(cfg)
+    a, _, ca = load_checkpoint(straight, merge_lora=True)
+    b, _, cb = load_checkpoint(resumed, merge_lora=True)
+    assert ca["train"]["loss"] == pytest.approx(cb["train"]["loss"], abs=1e-6)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_resume_refuses_a_different_run(stage1, tiny_bases, speech_data, tmp_path):
+    cfg = TrainConfig(stage=1, data=str(speech_data / "asr.jsonl"), out=str(tmp_path / "c"), steps=3,
+                      save_every=1, batch_size=2, **tiny_bases)
+    with pytest.raises(_Killed):
+        train(cfg, on_step=lambda s, l: (_ for _ in ()).throw(_Killed()) if s == 2 else None)
+    other = TrainConfig(stage=1, data=str(speech_data / "asr.jsonl"), out=str(tmp_path / "c"), steps=3,
+                        save_every=1, batch_size=2, lr=5e-4, **tiny_bases)
+    with pytest.raises(ValueError, match="different run"):
+        train(other)

@@ -20,6 +20,7 @@ import torch
 from .base import load_llm, load_whisper
 from .model import LLaSMConfig, LLaSMModel
 
+TRAINER_STATE = "trainer_state.pt"  # optimizer, scheduler, step, RNG: for resuming; not needed to export
 FORMAT = "llasm-checkpoint"
 VERSION = 1
 
@@ -32,8 +33,9 @@ def _is_peft(llm) -> bool:
     return hasattr(llm, "peft_config")
 
 
-def save_checkpoint(model: LLaSMModel, out_dir, base: dict, train: dict | None = None, llm_mode: str = "frozen") -> Path:
-    """llm_mode: 'frozen' (stage 1), 'lora' or 'full'."""
+def save_checkpoint(model: LLaSMModel, out_dir, base: dict, train: dict | None = None, llm_mode: str = "frozen",
+                    trainer_state: dict | None = None) -> Path:
+    """llm_mode: 'frozen' (stage 1), 'lora' or 'full'. trainer_state: saved beside it, for resuming."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -51,6 +53,8 @@ def save_checkpoint(model: LLaSMModel, out_dir, base: dict, train: dict | None =
             save_file(state, str(tmp / "llm.safetensors"))
         elif llm_mode != "frozen":
             raise ValueError(f"llm_mode must be frozen, lora or full, got {llm_mode!r}")
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
         config = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(), "base": base,
                   "llm_mode": llm_mode, "train": train or {}}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
@@ -84,8 +88,10 @@ def read_config(path) -> dict:
     return config
 
 
-def load_checkpoint(path, merge_lora: bool = False):
-    """-> (LLaSMModel, tokenizer, config dict). The base models come from config['base']."""
+def load_checkpoint(path, merge_lora: bool = False, trainable: bool = False):
+    """-> (LLaSMModel, tokenizer, config dict). The base models come from config['base'].
+
+    trainable: LoRA weights stay trainable (resuming a run)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -103,7 +109,7 @@ def load_checkpoint(path, merge_lora: bool = False):
     elif mode == "lora":
         from peft import PeftModel
 
-        llm = PeftModel.from_pretrained(llm, str(path / "lora"))
+        llm = PeftModel.from_pretrained(llm, str(path / "lora"), is_trainable=trainable)
         if merge_lora:
             llm = llm.merge_and_unload()
     model = LLaSMModel(cfg, encoder, llm)

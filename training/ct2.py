@@ -161,7 +161,7 @@ def encoder_config_from_ct2(variables: dict[str, np.ndarray]) -> WhisperEncoderC
     if layers != set(range(len(layers))):
         raise ValueError(f"encoder layers {sorted(layers)} are not numbered 0..{len(layers) - 1}")
     if "encoder/num_heads" in variables:
-        n_heads = int(variables["encoder/num_heads"])
+        n_heads = int(variables["encoder/num_heads"].item())
     elif d_model % WHISPER_HEAD_DIM == 0:
         n_heads = d_model // WHISPER_HEAD_DIM
     else:

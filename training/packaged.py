@@ -94,6 +94,7 @@ def concatenate(parts: list[Path], dest: Path, size: int, progress: bool = True)
         written = os.path.getsize(tmp)
         if written != size:
             raise OSError(f"wrote {written} bytes to {tmp}, expected {size} (disk full?)")
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,6 +107,7 @@ def _copy_atomic(src: Path, dest: Path) -> None:
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -3,9 +3,16 @@
 Stage 1 (modality adaptation): encoder and LLM frozen; the adaptor learns on ASR pairs.
 Stage 2 (cross-modal instruction tuning): encoder frozen; adaptor + LLM (LoRA by default, or full) learn on
 conversations whose user turns are speech, text or both. Loss on assistant tokens only.
+
+One code path for CPU and GPU (accelerate: device placement, bf16, several GPUs under `accelerate launch`).
+A run saves an atomic checkpoint every `save_every` steps with its optimizer state; started again with the same
+`out`, it resumes from there and continues exactly as the uninterrupted run would (the data order is a pure
+function of seed and step).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import time
@@ -16,13 +23,14 @@ import torch
 
 from .adaptor import AdaptorConfig
 from .base import load_llm, load_whisper, prompt_format
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import TRAINER_STATE, load_checkpoint, read_config, save_checkpoint
 from .data import Collator, read_manifest
 from .model import LLaSMConfig, LLaSMModel
 
 log = logging.getLogger(__name__)
 
 LLM_MODES = ("lora", "full")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -30,8 +38,8 @@ class TrainConfig:
     stage: int
     data: str  # JSONL manifest
     out: str  # checkpoint directory
-    whisper: str = ""  # base Whisper (transformers dir); stage 1
-    llm: str = ""  # base LLM (transformers dir or .gguf); stage 1
+    whisper: str = ""  # base Whisper: transformers dir, CT2 dir, or package:NAME
+    llm: str = ""  # base LLM: transformers dir, .gguf file, or package:NAME
     init: str = ""  # checkpoint to start from (stage 2 starts from stage 1's)
     stack_factor: int = 4
     adaptor_hidden: int = 0
@@ -47,23 +55,32 @@ class TrainConfig:
     warmup: int = 50
     seed: int = 0
     log_every: int = 10
-    device: str = "auto"
+    save_every: int = 200
+    precision: str = "auto"  # auto: bf16 on a GPU that has it, fp32 elsewhere
+    gradient_checkpointing: bool = False
+    workers: int = 0  # data-loading processes
 
     def __post_init__(self):
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
         if self.llm_mode not in LLM_MODES:
             raise ValueError(f"llm_mode must be one of {LLM_MODES}, got {self.llm_mode!r}")
-        if self.stage == 1 and not self.init and not (self.whisper and self.llm):
-            raise ValueError("stage 1 needs base models: whisper and llm paths (or init)")
-        if self.stage == 2 and not (self.init or (self.whisper and self.llm)):
-            raise ValueError("stage 2 needs init (a stage-1 checkpoint) or base models")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not self.init and not (self.whisper and self.llm):
+            raise ValueError(f"stage {self.stage} needs base models (whisper and llm) or init (a checkpoint)")
+        if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
+            raise ValueError(f"steps, batch_size and save_every must be >= 1, got "
+                             f"{self.steps}, {self.batch_size}, {self.save_every}")
+
+    def digest(self) -> str:
+        """Hash of what decides the result (not where it is written or how often it logs)."""
+        keep = {k: v for k, v in asdict(self).items() if k not in ("out", "log_every", "save_every", "workers")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_model(cfg: TrainConfig) -> tuple[LLaSMModel, object, dict]:
-    """A fresh model (from base models) or one loaded from cfg.init; -> (model, tokenizer, base paths)."""
+    """A fresh model (from base models) or one loaded from cfg.init; -> (model, tokenizer, base specs)."""
     if cfg.init:
         model, tokenizer, ckpt = load_checkpoint(cfg.init)
         if hasattr(model.llm, "peft_config"):
@@ -96,49 +113,124 @@ def set_trainable(model: LLaSMModel, cfg: TrainConfig) -> str:
     return "lora"
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Example indices of one step: epochs of seeded permutations, a pure function of the step."""
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n_examples)
+        perm = list(range(n_examples))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        take = perm[offset: offset + batch_size - len(out)]
+        out += take
+        pos += len(take)
+    return out
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run one stage; writes and returns the checkpoint directory."""
+def _resume_state(cfg: TrainConfig) -> dict | None:
+    """The trainer state in cfg.out if it belongs to this same run; None for a fresh start."""
+    out = Path(cfg.out)
+    if not (out / TRAINER_STATE).is_file():
+        return None
+    ckpt = read_config(out)
+    if ckpt.get("train", {}).get("digest") != cfg.digest():
+        raise ValueError(f"{out} holds a checkpoint of a different run (other config); choose another out")
+    if ckpt["train"]["step"] >= cfg.steps:
+        raise ValueError(f"{out} already holds the finished run ({ckpt['train']['step']} steps)")
+    return torch.load(out / TRAINER_STATE, weights_only=False)
+
+
+def train(cfg: TrainConfig, on_step=None) -> Path:
+    """Run (or resume) one stage; writes and returns the checkpoint directory. on_step(step, loss): a hook."""
+    from accelerate import Accelerator
+
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model, tokenizer, base = build_model(cfg)
-    llm_mode = set_trainable(model, cfg)
-    device = _device(cfg.device)
-    model.to(device).train()
-    model.encoder.eval()
+    resume = _resume_state(cfg)
+    if resume:
+        model, tokenizer, ckpt = load_checkpoint(cfg.out, trainable=True)
+        base, llm_mode, history = ckpt["base"], ckpt["llm_mode"], ckpt["train"]["loss"]
+        model.requires_grad_(False)
+        model.adaptor.requires_grad_(True)
+        if llm_mode == "full":
+            model.llm.requires_grad_(True)
+        elif llm_mode == "lora":
+            for name, p in model.llm.named_parameters():
+                p.requires_grad_("lora_" in name)
+        log.info("resuming %s from step %d", cfg.out, resume["step"])
+    else:
+        model, tokenizer, base = build_model(cfg)
+        llm_mode = set_trainable(model, cfg)
+        history = []
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+        if hasattr(model.llm, "enable_input_require_grads"):
+            model.llm.enable_input_require_grads()
     examples = read_manifest(cfg.data, model.cfg.transcribe_instruction)
     collate = Collator(tokenizer, model.cfg.prompt, model.cfg.geometry)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
-    log.info("stage %d: %d examples, %d trainable parameters (%s)", cfg.stage, len(examples),
-             sum(p.numel() for p in params), llm_mode)
-    order: list[int] = []
-    rng = random.Random(cfg.seed)
+    start = 0
+    if resume:
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["torch_rng"])
+        start = resume["step"]
+    model, opt = acc.prepare(model, opt)
+    inner = acc.unwrap_model(model)
+    inner.train()
+    inner.encoder.eval()
+    log.info("stage %d: %d examples, %d trainable parameters (%s), %s on %s", cfg.stage, len(examples),
+             sum(p.numel() for p in params), llm_mode, precision, acc.device)
+    n_items = 0
     t0 = time.perf_counter()
-    history = []
-    for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            more = list(range(len(examples)))
-            rng.shuffle(more)
-            order += more
-        batch = collate([examples[i] for i in order[: cfg.batch_size]]).to(device)
-        del order[: cfg.batch_size]
-        loss = model(batch)
+    bar = _progress(cfg.steps, start, acc.is_main_process)
+    for step in range(start, cfg.steps):
+        batch = collate([examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, step)])
+        with acc.autocast():
+            loss = model(batch.to(acc.device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         history.append(float(loss.detach()))
-        if (step + 1) % cfg.log_every == 0 or step == 0:
-            log.info("step %d/%d loss %.4f (%.2f steps/s)", step + 1, cfg.steps, history[-1],
-                     (step + 1) / (time.perf_counter() - t0))
-    model.eval()
-    info = {"config": asdict(cfg), "steps": cfg.steps, "loss": history}
-    return save_checkpoint(model, cfg.out, base, info, llm_mode)
+        n_items += cfg.batch_size
+        rate = n_items / (time.perf_counter() - t0)
+        if bar is not None:
+            bar.set_postfix(loss=f"{history[-1]:.3f}", samples_s=f"{rate:.2f}")
+            bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step == start:
+            log.info("step %d/%d loss %.4f, %.2f samples/s", step + 1, cfg.steps, history[-1], rate)
+        if on_step is not None:
+            on_step(step + 1, history[-1])
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps and acc.is_main_process:
+            _save(inner, cfg, base, llm_mode, history, step + 1, opt, sched)
+    if bar is not None:
+        bar.close()
+    inner.eval()
+    samples_s = n_items / max(time.perf_counter() - t0, 1e-9)
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return _save(inner, cfg, base, llm_mode, history, cfg.steps, opt, sched,
+                 extra={"samples_per_s": samples_s, "peak_gpu_bytes": peak, "precision": precision})
+
+
+def _save(model, cfg, base, llm_mode, history, step, opt, sched, extra=None) -> Path:
+    info = {"config": asdict(cfg), "digest": cfg.digest(), "step": step, "loss": list(history), **(extra or {})}
+    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "torch_rng": torch.get_rng_state()}
+    return save_checkpoint(model, cfg.out, base, info, llm_mode, trainer_state=state)
+
+
+def _progress(total: int, start: int, show: bool):
+    if not show:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=start, unit="step", disable=None, leave=False)
