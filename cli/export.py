@@ -11,8 +11,10 @@ def main(argv=None) -> None:
     p.add_argument("checkpoint")
     p.add_argument("-o", "--out", required=True, help="bundle directory to write")
     p.add_argument("--onnx", default="fp32", choices=["fp32", "int8"], help="audio encoder precision")
-    p.add_argument("--gguf", default="f16", choices=["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"],
-                   help="LLM weight type (quantized with llama.cpp's quantizer)")
+    p.add_argument("--gguf", default="auto",
+                   choices=["auto", "base", "f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"],
+                   help="LLM weights: 'base' ships a GGUF base untouched (+ LoRA adapter); a type re-writes "
+                        "the (merged) LLM and quantizes it with llama.cpp; auto: base for GGUF bases, else f16")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)

@@ -21,7 +21,8 @@ from .quantize import quantize_gguf
 log = logging.getLogger(__name__)
 
 ONNX_PRECISIONS = ("fp32", "int8")
-GGUF_TYPES = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
+GGUF_TYPES = ("auto", "base", "f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
+# auto: "base" when the base LLM is a GGUF file (shipped untouched, LoRA as a GGUF adapter beside it), else f16
 
 
 @dataclass
@@ -31,11 +32,12 @@ class ExportReport:
     checks: dict = field(default_factory=dict)  # name -> measured value
 
 
-def _check_llm_parity(model, tokenizer, gguf: Path, onnx_rows: np.ndarray, gguf_type: str) -> dict:
+def _check_llm_parity(model, tokenizer, gguf: Path, onnx_rows: np.ndarray, gguf_type: str,
+                      lora: Path | None = None) -> dict:
     """llama.cpp vs torch next-token logits on one fixed audio + text prompt, and tokenization parity."""
     samples = _probe_audio()
     segments = model.cfg.prompt.render([Turn("user", (samples, "What was said?"))])
-    llm = LLM(gguf, n_ctx=1024, n_batch=256)
+    llm = LLM(gguf, n_ctx=1024, n_batch=256, lora_path=lora)
     try:
         embeds = []
         for seg in segments:
@@ -74,10 +76,12 @@ def _probe_audio(seconds: float = 1.5) -> np.ndarray:
     return (0.2 * sum(np.sin(k * phase) / k for k in range(1, 6))).astype(np.float32)
 
 
-def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str = "f16",
+def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str = "auto",
                   overwrite: bool = False) -> ExportReport:
+    from ..training.base import _local_path
     from ..training.checkpoint import load_checkpoint
     from .gguf import write_gguf
+    from .lora_gguf import write_lora_gguf
 
     if onnx_precision not in ONNX_PRECISIONS:
         raise ValueError(f"onnx precision must be one of {ONNX_PRECISIONS}, got {onnx_precision!r}")
@@ -86,7 +90,16 @@ def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str 
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite to replace it")
-    model, tokenizer, ckpt = load_checkpoint(checkpoint, merge_lora=True)
+    model, tokenizer, ckpt = load_checkpoint(checkpoint)
+    llm_mode = ckpt.get("llm_mode", "frozen")
+    base_llm = _local_path(ckpt["base"]["llm"])
+    base_is_gguf = base_llm.is_file() and base_llm.suffix == ".gguf"
+    if gguf_type == "auto":
+        gguf_type = "base" if base_is_gguf else "f16"
+    if gguf_type == "base" and not base_is_gguf:
+        raise ValueError(f"--gguf base needs a GGUF base LLM, the checkpoint's is {ckpt['base']['llm']}")
+    if gguf_type == "base" and llm_mode == "full":
+        raise ValueError("a fully fine-tuned LLM cannot ship as the base GGUF; choose f16, q8_0 or q4_k_m")
     model = model.float().eval()
     geometry = model.cfg.geometry
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,26 +123,40 @@ def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str 
         from ..runtime.features import log_mel
 
         rows = session.run(None, {"mel": log_mel(_probe_audio(), geometry.n_mels)[None]})[0]
-        gguf_path = tmp / "llm.gguf"
-        if gguf_type in ("f32", "f16"):
-            log.info("writing %s GGUF", gguf_type)
-            write_gguf(model.llm, tokenizer, gguf_path, dtype=gguf_type)
+        gguf_path, lora_path = tmp / "llm.gguf", None
+        if gguf_type == "base":
+            log.info("shipping the base GGUF untouched (%s)", base_llm.name)
+            shutil.copyfile(base_llm, gguf_path)
+            if llm_mode == "lora":
+                lora_path = tmp / "llm.lora.gguf"
+                n = write_lora_gguf(model.llm, lora_path)
+                log.info("LoRA adapter: %d matrices", n)
         else:
-            log.info("writing f32 GGUF, then quantizing to %s with llama.cpp", gguf_type)
             full = tmp / "llm.f32.gguf"
-            write_gguf(model.llm, tokenizer, full, dtype="f32")
-            quantize_gguf(full, gguf_path, gguf_type)
-            full.unlink()
-        report.checks.update(_check_llm_parity(model, tokenizer, gguf_path, rows, gguf_type))
+            target = gguf_path if gguf_type in ("f32", "f16") else full
+            log.info("writing %s GGUF", "f32" if target is full else gguf_type)
+            merged = model.llm.merge_and_unload() if hasattr(model.llm, "peft_config") else model.llm
+            write_gguf(merged, tokenizer, target, dtype="f32" if target is full else gguf_type)
+            if target is full:
+                log.info("quantizing to %s with llama.cpp", gguf_type)
+                quantize_gguf(full, gguf_path, gguf_type)
+                full.unlink()
+        if hasattr(model.llm, "peft_config"):
+            model.llm = model.llm.merge_and_unload()  # torch reference for the parity check
+        report.checks.update(_check_llm_parity(model, tokenizer, gguf_path, rows, gguf_type, lora_path))
+        files = {B.AUDIO_ENCODER: B.file_entry(onnx_path) | {"precision": onnx_precision},
+                 B.LLM: B.file_entry(gguf_path) | {"type": gguf_type}}
+        if lora_path:
+            files[B.LLM_LORA] = B.file_entry(lora_path)
         manifest = {
             "format": B.FORMAT, "version": B.VERSION,
             "geometry": geometry.to_dict(), "prompt": model.cfg.prompt.to_dict(),
             "transcribe_instruction": model.cfg.transcribe_instruction,
             "n_embd": int(model.llm.config.hidden_size),
-            "files": {B.AUDIO_ENCODER: B.file_entry(onnx_path) | {"precision": onnx_precision},
-                      B.LLM: B.file_entry(gguf_path) | {"type": gguf_type}},
-            "provenance": {"base": ckpt["base"], "llm_arch": model.cfg.llm_arch, "llm_mode": ckpt.get("llm_mode"),
-                           "checkpoint": str(Path(checkpoint).resolve())},
+            "files": files,
+            "provenance": {"base": ckpt["base"], "llm_arch": model.cfg.llm_arch, "llm_mode": llm_mode,
+                           "checkpoint": str(Path(checkpoint).resolve()),
+                           "train_digest": ckpt.get("train", {}).get("digest")},
             "checks": report.checks,
         }
         (tmp / B.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")

@@ -3,6 +3,7 @@
     manifest.json       format, version, audio geometry, prompt format, n_embd, files (sha256, size), provenance
     audio_encoder.onnx  log-mel (1, n_mels, T) -> embedding rows (R, n_embd)
     llm.gguf            the LLM for llama.cpp
+    llm.lora.gguf       (optional) a LoRA adapter llama.cpp applies on top of llm.gguf
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 AUDIO_ENCODER = "audio_encoder"  # keys of manifest["files"]
 LLM = "llm"
+LLM_LORA = "llm_lora"  # optional: a GGUF LoRA adapter applied on top of llm
 
 
 class BundleError(ValueError):
@@ -57,6 +59,10 @@ class Bundle:
     def llm(self) -> Path:
         return self.file(LLM)
 
+    @property
+    def llm_lora(self) -> Path | None:
+        return self.file(LLM_LORA) if LLM_LORA in self.manifest["files"] else None
+
 
 def read_bundle(path, verify: bool = True) -> Bundle:
     """Read and check a bundle; verify=True also checks every file's size and sha256."""
@@ -79,7 +85,7 @@ def read_bundle(path, verify: bool = True) -> Bundle:
         prompt = PromptFormat.from_dict(manifest["prompt"])
         n_embd = int(manifest["n_embd"])
         files = manifest["files"]
-        entries = [files[AUDIO_ENCODER], files[LLM]]
+        entries = [files[AUDIO_ENCODER], files[LLM]] + ([files[LLM_LORA]] if LLM_LORA in files else [])
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{mf} is incomplete or malformed: {type(e).__name__} {e}") from None
     for entry in entries:

@@ -69,7 +69,8 @@ class LLaSM:
         encoder = AudioEncoder(b.audio_encoder, b.geometry, n_threads=n_threads)
         if encoder.n_embd != b.n_embd:
             raise BundleError(f"bundle needs n_embd {b.n_embd}, audio encoder gives {encoder.n_embd}")
-        llm = LLM(b.llm, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
+        llm = LLM(b.llm, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, verbose=verbose,
+                  lora_path=b.llm_lora)
         if llm.n_embd != b.n_embd:
             raise BundleError(f"bundle needs n_embd {b.n_embd}, the LLM has {llm.n_embd}")
         llm.warm_up()

@@ -46,7 +46,7 @@ class ContextFull(LLMError):
 
 class LLM:
     def __init__(self, path, n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, seed: int = 0, verbose: bool = False):
+                 n_gpu_layers: int = 0, seed: int = 0, verbose: bool = False, lora_path=None):
         try:
             import llama_cpp
         except ImportError as e:
@@ -57,7 +57,8 @@ class LLM:
         try:
             self._llama = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                                           n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers,
-                                          seed=seed, verbose=verbose)
+                                          seed=seed, verbose=verbose,
+                                          lora_path=str(lora_path) if lora_path else None)
         except ValueError as e:
             raise LLMError(f"llama.cpp cannot load {path}: {e}") from None
         self.ctx = self._llama.ctx

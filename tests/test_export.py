@@ -2,6 +2,8 @@
 import json
 import shutil
 
+import numpy as np
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -63,3 +65,52 @@ def test_bad_checkpoint_leaves_nothing(checkpoint, tmp_path, case, match):
 def test_existing_bundle_is_not_overwritten_without_asking(bundle, checkpoint):
     with pytest.raises(FileExistsError):
         export_bundle(checkpoint, bundle)
+
+
+@pytest.fixture(scope="module")
+def gguf_base_checkpoints(tiny_bases, speech_data, tmp_path_factory):
+    """Stage 1 and stage 2 (LoRA) checkpoints trained on a GGUF base LLM (the tiny model written as f32 GGUF)."""
+    from llasm.export.gguf import write_gguf
+    from llasm.training.trainer import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("ggufbase")
+    tok = tiny.tokenizer()
+    write_gguf(tiny.lm("qwen2", len(tok)), tok, root / "base.gguf", dtype="f32")
+    s1 = train(TrainConfig(stage=1, data=str(speech_data / "asr.jsonl"), out=str(root / "s1"), steps=2, batch_size=2,
+                           whisper=tiny_bases["whisper"], llm=str(root / "base.gguf"), lr=1e-2, warmup=1))
+    s2 = train(TrainConfig(stage=2, init=str(s1), data=str(speech_data / "conv.jsonl"), out=str(root / "s2"),
+                           steps=2, batch_size=2, lr=1e-2, warmup=1, lora_rank=4))
+    return root / "base.gguf", s1, s2
+
+
+def test_gguf_base_ships_untouched_with_a_lora_adapter(gguf_base_checkpoints, tmp_path):
+    base, s1, s2 = gguf_base_checkpoints
+    frozen = export_bundle(s1, tmp_path / "frozen")  # auto -> base: the LLM file is the base file
+    assert (tmp_path / "frozen" / "llm.gguf").read_bytes() == base.read_bytes()
+    assert not (tmp_path / "frozen" / "llm.lora.gguf").exists()
+    assert frozen.checks["llm_max_logit_diff"] < 1e-3
+
+    report = export_bundle(s2, tmp_path / "lora")
+    assert (tmp_path / "lora" / "llm.gguf").read_bytes() == base.read_bytes()
+    manifest = json.loads((tmp_path / "lora" / "manifest.json").read_text())
+    assert manifest["files"]["llm_lora"]["path"] == "llm.lora.gguf"
+    # llama.cpp base + adapter == torch with the LoRA merged
+    assert report.checks["llm_max_logit_diff"] < 1e-3
+    model = LLaSM.load(tmp_path / "lora")
+    assert model.chat().send(text="hi", max_tokens=2).tokens == 2
+    model.close()
+
+
+def test_lora_adapter_changes_the_answer_logits(gguf_base_checkpoints, tmp_path):
+    """Without the adapter the same prompt gives other logits: the adapter is really applied."""
+    from llasm.runtime.llm import LLM
+
+    base, _, s2 = gguf_base_checkpoints
+    export_bundle(s2, tmp_path / "b")
+    with_lora = LLM(tmp_path / "b" / "llm.gguf", n_ctx=128, lora_path=tmp_path / "b" / "llm.lora.gguf")
+    plain = LLM(tmp_path / "b" / "llm.gguf", n_ctx=128)
+    for llm in (with_lora, plain):
+        llm.eval_tokens(llm.tokenize("<|im_start|>user\nhello world<|im_end|>\n"))
+    assert np.abs(with_lora.logits() - plain.logits()).max() > 1e-3
+    with_lora.close()
+    plain.close()
