@@ -23,7 +23,7 @@ import numpy as np
 from .audio import SAMPLE_RATE, AudioError, load_audio
 from .bundle import Bundle, BundleError, read_bundle
 from .encoder import AudioEncoder
-from .llm import LLM
+from .llm import LLM, ContextFull
 from .prompt import Turn, transcribe_turns
 
 log = logging.getLogger(__name__)
@@ -89,19 +89,42 @@ class LLaSM:
         self.llm.close()
 
 
+@dataclass
+class _Exchange:
+    """One finished user turn and its answer, with what it cost in the KV cache."""
+
+    user: Turn  # audio parts as sample arrays
+    rows: list  # embedding rows of each audio part, in order
+    reply: list  # evaluated answer tokens + end-of-turn tokens
+    text: str
+
+
 class Chat:
-    """One conversation. Its KV cache lives across turns; earlier audio is never encoded or prefilled again."""
+    """One conversation. Its KV cache lives across turns; earlier audio is never encoded or prefilled again.
+
+    When a turn would overflow the context, the oldest exchanges are dropped and the rest is prefilled again
+    from their stored embedding rows (audio is not re-encoded).
+    """
 
     def __init__(self, model: LLaSM, system: str | None = None):
         self.model = model
         self.system = system
-        self.turns: list[Turn] = []  # the conversation so far (audio parts as sample arrays)
+        self.exchanges: list[_Exchange] = []
         self._fed: list = []  # what this chat put in the KV cache: token lists and embedding arrays
         self._cancel = threading.Event()
+        self.dropped = 0  # exchanges dropped to fit the context
+
+    @property
+    def turns(self) -> list[Turn]:
+        """The conversation so far."""
+        out = []
+        for ex in self.exchanges:
+            out += [ex.user, Turn("assistant", (ex.text,))]
+        return out
 
     def reset(self) -> None:
         with self.model.lock:
-            self.turns, self._fed = [], []
+            self.exchanges, self._fed = [], []
             if self.model.owner is self:
                 self.model.llm.truncate(0)
 
@@ -128,25 +151,39 @@ class Chat:
         elif text is None:
             raise ValueError("a turn needs audio, text or both")
         if _turns is not None:  # a one-off prompt (transcribe): its audio part is this turn's audio
-            turn_list = [Turn(t.role, tuple(samples if p is None else p for p in t.parts)) for t in _turns]
+            turn = Turn("user", tuple(samples if p is None else p for t in _turns for p in t.parts))
         else:
-            parts = ([samples] if samples is not None else []) + ([text] if text else [])
-            turn_list = [Turn("user", tuple(parts))]
-        segments = self.model.bundle.prompt.render(turn_list, add_generation_prompt=True, system=self.system,
-                                                   start=not self.turns)
-        t_feat = t_enc = 0.0
-        feed: list = []
-        for seg in segments:  # encode before touching the KV cache: bad audio changes nothing
-            if seg.is_audio:
+            turn = Turn("user", tuple(([samples] if samples is not None else []) + ([text] if text else [])))
+        rows, t_feat, t_enc = [], 0.0, 0.0
+        for part in turn.parts:  # encode before touching the KV cache: bad audio changes nothing
+            if not isinstance(part, str):
                 a = time.perf_counter()
-                mels = self.model.encoder.features(seg.audio)
+                mels = self.model.encoder.features(part)
                 b = time.perf_counter()
-                feed.append(self.model.encoder.encode(mels))
+                rows.append(self.model.encoder.encode(mels))
                 t_feat += b - a
                 t_enc += time.perf_counter() - b
-            else:
-                feed.append(self.model.llm.tokenize(seg.text))
-        yield from self._generate(feed, turn_list, reply, t0, t_feat, t_enc, max_tokens, temperature, seed)
+        yield from self._generate(turn, rows, reply, t0, t_feat, t_enc, max_tokens, temperature, seed)
+
+    def _feed(self, turn: Turn, rows: list, start: bool) -> list:
+        """Token lists and embedding arrays for one user turn + the generation prompt."""
+        rows = iter(rows)
+        out = []
+        for seg in self.model.bundle.prompt.render([turn], add_generation_prompt=True, system=self.system,
+                                                   start=start):
+            out.append(next(rows) if seg.is_audio else self.model.llm.tokenize(seg.text))
+        return out
+
+    def _replay(self, exchanges: list[_Exchange]) -> list:
+        fed = []
+        for i, ex in enumerate(exchanges):
+            fed += self._feed(ex.user, ex.rows, start=i == 0) + [ex.reply]
+        return fed
+
+    def _prefill(self, items: list) -> None:
+        llm = self.model.llm
+        for f in items:
+            (llm.eval_embeddings if isinstance(f, np.ndarray) else llm.eval_tokens)(f)
 
     def _sync(self) -> None:
         """Make the KV cache hold exactly this chat's history (another chat may have used it)."""
@@ -155,25 +192,47 @@ class Chat:
             return
         llm.truncate(0)
         self.model.owner = None
-        for f in self._fed:
-            (llm.eval_embeddings if isinstance(f, np.ndarray) else llm.eval_tokens)(f)
+        self._prefill(self._fed)
         self.model.owner = self
 
-    def _generate(self, feed, turn_list, reply, t0, t_feat, t_enc, max_tokens, temperature, seed):
+    def _fit(self, turn: Turn, rows: list, reserve: int) -> list:
+        """The new turn's feed, dropping the oldest exchanges (and prefilling the rest again) if needed."""
+        llm = self.model.llm
+        size = lambda items: sum(len(f) for f in items)  # noqa: E731
+        feed = self._feed(turn, rows, start=not self.exchanges)
+        if llm.n_past + size(feed) + reserve <= llm.n_ctx:
+            return feed
+        for drop in range(1, len(self.exchanges) + 1):
+            kept = self.exchanges[drop:]
+            fed = self._replay(kept)
+            feed = self._feed(turn, rows, start=not kept)
+            if size(fed) + size(feed) + reserve <= llm.n_ctx:
+                log.info("context full: dropped the %d oldest exchange(s)", drop)
+                llm.truncate(0)
+                self.exchanges, self._fed = kept, fed
+                self.dropped += drop
+                self._prefill(fed)
+                return feed
+        raise ContextFull(f"this turn needs {size(feed) + reserve} positions (with {reserve} for the answer), "
+                          f"the context holds {llm.n_ctx}")
+
+    def _generate(self, turn, rows, reply, t0, t_feat, t_enc, max_tokens, temperature, seed):
         llm = self.model.llm
         prompt = self.model.bundle.prompt
         with self.model.lock:
             self._cancel.clear()
             self._sync()
+            end = llm.tokenize(prompt.end_of_turn)
+            feed = self._fit(turn, rows, reserve=min(max_tokens, llm.n_ctx // 4) + len(end))
             start = llm.n_past
             try:
                 a = time.perf_counter()
-                for f in feed:
-                    (llm.eval_embeddings if isinstance(f, np.ndarray) else llm.eval_tokens)(f)
+                self._prefill(feed)
                 t_prefill = time.perf_counter() - a
             except BaseException:
                 llm.truncate(start)  # a failed turn leaves the conversation as it was
                 raise
+            prefilled = llm.n_past
             rng = np.random.default_rng(seed)
             decoder = codecs.getincrementaldecoder("utf-8")("replace")
             generated: list[int] = []
@@ -181,7 +240,7 @@ class Chat:
             t_first = None
             stops = prompt.stop
             try:
-                while len(generated) < max_tokens and not self._cancel.is_set():
+                while len(generated) < max_tokens and not self._cancel.is_set() and llm.n_past + len(end) < llm.n_ctx:
                     token = _sample(llm.logits(), temperature, rng)
                     if llm.is_eog(token):
                         break
@@ -198,16 +257,14 @@ class Chat:
                     llm.eval_tokens([token])
             finally:
                 # Close the assistant turn as training rendered it, even for an abandoned stream.
-                end = llm.tokenize(prompt.end_of_turn)
-                kept = llm.n_past
+                evaluated = llm.cache[prefilled:]
                 try:
                     llm.eval_tokens(end)
+                    evaluated = evaluated + end
                 except Exception:
-                    llm.truncate(kept)
-                self._fed.extend(feed)
-                self._fed.append(generated[: kept - start - sum(len(f) for f in feed)] + end)
-                self.turns.extend(turn_list)
-                self.turns.append(Turn("assistant", (text,)))
+                    llm.truncate(prefilled + len(evaluated))
+                self._fed += feed + [evaluated]
+                self.exchanges.append(_Exchange(turn, rows, evaluated, text))
                 now = time.perf_counter()
                 decode_s = now - (t_first or now)
                 reply.tokens = len(generated)

@@ -1,0 +1,56 @@
+"""llasm-data build OUT [--langs en,zh] [--limit N] [--seed S] [--noise] [--responses corpus|llm]."""
+from __future__ import annotations
+
+import argparse
+
+from .common import one_line_errors, setup_logging
+
+
+def _answerer(args):
+    """The LLM behind --responses llm. Not wired to llama.cpp yet: from Python, pass answer= to build()."""
+    raise ValueError("--responses llm has no LLM wired into the CLI yet; call "
+                     "llasm.training.speech_data.build(config, answer=fn) from Python")
+
+
+def _engines(text: str) -> tuple:
+    pairs = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        lang, sep, engine = item.partition("=")
+        if not sep:
+            raise ValueError(f"--engines takes LANG=ENGINE[,LANG=ENGINE], got {item!r}")
+        pairs.append((lang.strip(), engine.strip()))
+    return tuple(pairs)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="llasm-data", description="Build synthetic speech-instruction data offline.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="speak packaged texts with packaged voices; write clips and JSONL manifests")
+    b.add_argument("out", help="output directory (rerunning the same command resumes it)")
+    b.add_argument("--langs", default="en,zh", help="comma-separated languages: en, zh (default en,zh)")
+    b.add_argument("--limit", type=int, default=None, help="spoken sentences per language (default: all)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--noise", action="store_true", help="add white noise at a random SNR to most clips")
+    b.add_argument("--responses", choices=("corpus", "llm"), default="corpus",
+                   help="assistant answers: the corpus's reference answers, or an LLM's (cached in answers.jsonl)")
+    b.add_argument("--engines", default="", metavar="LANG=ENGINE,...",
+                   help="TTS engine per language: piper (en) or espeak (en, zh); default en=piper,zh=espeak")
+    b.add_argument("--sources", default="chatterbot,math,facts", help="texts to speak (default chatterbot,math,facts)")
+    b.add_argument("--heldout", type=float, default=0.1, help="fraction of sentences held out (default 0.1)")
+    b.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    setup_logging(args.quiet)
+    with one_line_errors("llasm-data"):
+        from ..training.speech_data import BuildConfig, build
+
+        config = BuildConfig(out=args.out, langs=tuple(s.strip() for s in args.langs.split(",") if s.strip()),
+                             limit=args.limit, seed=args.seed, noise=args.noise, responses=args.responses,
+                             engines=_engines(args.engines), heldout_fraction=args.heldout,
+                             sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()))
+        answer = _answerer(args) if args.responses == "llm" else None
+        summary = build(config, answer=answer, progress=not args.quiet)
+    print("\n".join(summary.lines()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Conversation state: context overflow drops the oldest turns, abandoned or cancelled streams stay consistent."""
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("onnxruntime")
+
+import tiny  # noqa: E402
+from llasm.runtime.chat import LLaSM  # noqa: E402
+from llasm.runtime.llm import LLM, ContextFull  # noqa: E402
+
+
+def _cache_matches_history(model, chat):
+    """The KV cache holds exactly the chat's record, and a fresh replay of it gives the same logits."""
+    assert model.llm.n_past == sum(len(f) for f in chat._fed)
+    fresh = LLM(model.bundle.llm, n_ctx=model.llm.n_ctx)
+    for f in chat._fed:
+        (fresh.eval_embeddings if isinstance(f, np.ndarray) else fresh.eval_tokens)(f)
+    np.testing.assert_allclose(fresh.logits(), model.llm.logits(), atol=1e-4)
+    fresh.close()
+
+
+def test_overflow_drops_the_oldest_turns(bundle):
+    model = LLaSM.load(bundle, n_ctx=256)
+    chat = model.chat()
+    for i in range(6):
+        chat.send(audio=tiny.speech(1.5, seed=i), text=f"turn {i}", max_tokens=24)
+    assert chat.dropped > 0
+    assert len(chat.exchanges) == 6 - chat.dropped
+    kept_first = chat.exchanges[0].user.parts[-1]
+    assert kept_first == f"turn {chat.dropped}"
+    _cache_matches_history(model, chat)
+    model.close()
+
+
+def test_a_turn_larger_than_the_context_is_refused_and_changes_nothing(bundle):
+    model = LLaSM.load(bundle, n_ctx=128)
+    chat = model.chat()
+    chat.send(text="hi", max_tokens=3)
+    before = (len(chat.exchanges), model.llm.n_past)
+    with pytest.raises(ContextFull, match="the context holds"):
+        chat.send(audio=tiny.speech(12.0), max_tokens=3)
+    assert (len(chat.exchanges), model.llm.n_past) == before
+    assert chat.send(text="still here", max_tokens=2).tokens == 2
+    model.close()
+
+
+def test_abandoned_stream_keeps_the_partial_answer(bundle):
+    model = LLaSM.load(bundle)
+    chat = model.chat()
+    stream = chat.stream(text="tell me a long story", max_tokens=30)
+    got = [next(stream) for _ in range(3)]
+    stream.close()
+    assert chat.exchanges[-1].text == "".join(got)
+    _cache_matches_history(model, chat)
+    assert chat.send(text="next", max_tokens=2).tokens == 2
+    _cache_matches_history(model, chat)
+    model.close()
+
+
+def test_cancel_from_another_thread(bundle):
+    model = LLaSM.load(bundle)
+    chat = model.chat()
+    pieces = []
+    for piece in chat.stream(text="go on and on", max_tokens=200):
+        pieces.append(piece)
+        if len(pieces) == 2:
+            t = threading.Thread(target=chat.cancel)
+            t.start()
+            t.join()
+    assert 2 <= len(pieces) <= 3
+    _cache_matches_history(model, chat)
+    model.close()
+
+
+def test_two_chats_share_one_model(bundle):
+    model = LLaSM.load(bundle)
+    a, b = model.chat(), model.chat()
+    ra = a.send(text="hello", max_tokens=4).text
+    b.send(text="something else entirely", max_tokens=4)
+    a2 = a.send(text="again", max_tokens=4)  # a's history is restored before its turn
+    _cache_matches_history(model, a)
+    solo = LLaSM.load(bundle).chat()
+    assert solo.send(text="hello", max_tokens=4).text == ra
+    assert solo.send(text="again", max_tokens=4).text == a2.text
+    model.close()

