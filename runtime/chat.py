@@ -74,7 +74,14 @@ class LLaSM:
         if llm.n_embd != b.n_embd:
             raise BundleError(f"bundle needs n_embd {b.n_embd}, the LLM has {llm.n_embd}")
         llm.warm_up()
-        return cls(b, encoder, llm)
+        model = cls(b, encoder, llm)
+        model._prefill_default_header()
+        return model
+
+    def _prefill_default_header(self) -> None:
+        """Put bos + the default system prompt in the KV cache now; new conversations start from it."""
+        for seg in self.bundle.prompt.render([], add_generation_prompt=False):
+            self.llm.eval_tokens(self.llm.tokenize(seg.text))
 
     def chat(self, system: str | None = None) -> "Chat":
         return Chat(self, system)
@@ -123,10 +130,8 @@ class Chat:
         return out
 
     def reset(self) -> None:
-        with self.model.lock:
+        with self.model.lock:  # the KV cache is left as it is: the next turn reuses its system prompt
             self.exchanges, self._fed = [], []
-            if self.model.owner is self:
-                self.model.llm.truncate(0)
 
     def cancel(self) -> None:
         """Stop the answer being generated (from any thread); the partial answer stays in the history."""
@@ -185,14 +190,37 @@ class Chat:
         for f in items:
             (llm.eval_embeddings if isinstance(f, np.ndarray) else llm.eval_tokens)(f)
 
+    def _load(self, items: list) -> int:
+        """Make the KV cache hold exactly `items`, keeping the longest token prefix it already holds
+        (a system prompt another conversation left there); -> positions that had to be computed."""
+        llm = self.model.llm
+        same = 0
+        for f in items:
+            if isinstance(f, np.ndarray):
+                break  # audio rows have no ids to compare: never reused across conversations
+            cached = llm.cache[same: same + len(f)]
+            n = next((i for i, (a, b) in enumerate(zip(f, cached)) if a != b), min(len(f), len(cached)))
+            same += n
+            if n < len(f):
+                break
+        llm.truncate(same)
+        skip = same
+        for f in items:
+            if skip >= len(f):
+                skip -= len(f)
+                continue
+            self._prefill([f[skip:]])
+            skip = 0
+        return llm.n_past - same
+
     def _sync(self) -> None:
         """Make the KV cache hold exactly this chat's history (another chat may have used it)."""
         llm = self.model.llm
-        if self.model.owner is self and llm.n_past == sum(len(f) for f in self._fed):
+        if not self._fed or (self.model.owner is self and llm.n_past == sum(len(f) for f in self._fed)):
+            self.model.owner = self  # a new conversation loads its first turn with _load, reusing the cache
             return
-        llm.truncate(0)
         self.model.owner = None
-        self._prefill(self._fed)
+        self._load(self._fed)
         self.model.owner = self
 
     def _fit(self, turn: Turn, rows: list, reserve: int) -> list:
@@ -224,10 +252,13 @@ class Chat:
             self._sync()
             end = llm.tokenize(prompt.end_of_turn)
             feed = self._fit(turn, rows, reserve=min(max_tokens, llm.n_ctx // 4) + len(end))
-            start = llm.n_past
+            start = llm.n_past if self._fed else 0
             try:
                 a = time.perf_counter()
-                self._prefill(feed)
+                if not self._fed:  # a new conversation: reuse a cached system prompt
+                    self._load(feed)
+                else:
+                    self._prefill(feed)
                 t_prefill = time.perf_counter() - a
             except BaseException:
                 llm.truncate(start)  # a failed turn leaves the conversation as it was

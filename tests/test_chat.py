@@ -86,3 +86,21 @@ def test_two_chats_share_one_model(bundle):
     assert solo.send(text="hello", max_tokens=4).text == ra
     assert solo.send(text="again", max_tokens=4).text == a2.text
     model.close()
+
+
+def test_new_conversations_reuse_the_cached_system_prompt(bundle):
+    model = LLaSM.load(bundle)
+    header = model.llm.n_past
+    assert header > 0  # bos + default system prompt prefilled at load
+    chat = model.chat()
+    x = tiny.speech(1.0)
+    first = chat.send(audio=x, text="hi", max_tokens=3)
+    _cache_matches_history(model, chat)
+    chat.reset()
+    again = chat.send(audio=x, text="hi", max_tokens=3)
+    assert again.text == first.text
+    _cache_matches_history(model, chat)
+    other = model.chat(system="You are terse.")  # a different system prompt shares nothing but the start
+    other.send(text="hi", max_tokens=2)
+    _cache_matches_history(model, other)
+    model.close()

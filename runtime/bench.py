@@ -1,0 +1,241 @@
+"""Speed and memory of a bundle, side by side with the cascade baseline, on the same clips.
+
+LLaSM path:   audio -> log-mel -> ONNX encoder+adaptor -> embedding rows -> llama.cpp -> first token
+Cascade path: audio -> faster-whisper (CTranslate2 int8, same Whisper weights) -> transcript -> the same GGUF
+              answering the transcript as text -> first token
+
+Each path runs in its own process (peak RSS is per path); every figure is the median of `repeats` runs after
+one warm-up run. Nothing here asserts on time: the numbers go to BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, load_audio
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchConfig:
+    bundle: str
+    clips: list  # paths of speech clips; tiled/cropped to each length
+    lengths: list = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 20.0, 30.0])
+    repeats: int = 5
+    threads: int | None = None
+    max_tokens: int = 32
+    cascade_whisper: str | None = None  # CTranslate2 Whisper directory for the cascade; None: no cascade
+    decode_tokens: int = 64
+
+
+@dataclass
+class PathResult:
+    """Medians per audio length (seconds -> ms), plus process-wide figures."""
+
+    first_token_ms: dict = field(default_factory=dict)
+    encode_ms: dict = field(default_factory=dict)  # features + encoder (LLaSM) / transcription (cascade)
+    prefill_ms: dict = field(default_factory=dict)
+    rows: dict = field(default_factory=dict)  # LLM positions the audio became (LLaSM) / transcript tokens
+    peak_rss_mb: float = 0.0
+    load_s: float = 0.0
+
+
+@dataclass
+class BenchResult:
+    llasm: PathResult
+    cascade: PathResult | None
+    decode_tokens_per_s: float
+    plain_llama_tokens_per_s: float
+    bundle_mb: float
+    machine: str
+
+    @property
+    def ratios(self) -> dict:
+        out = {"decode_vs_plain_llama": self.decode_tokens_per_s / max(self.plain_llama_tokens_per_s, 1e-9)}
+        if self.cascade:
+            out["first_token_vs_cascade"] = {
+                L: self.llasm.first_token_ms[L] / self.cascade.first_token_ms[L] for L in self.llasm.first_token_ms}
+        out["encoder_ms_per_audio_s"] = {L: self.llasm.encode_ms[L] / L for L in self.llasm.encode_ms}
+        return out
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ratios"] = self.ratios
+        return d
+
+
+def clip_of_length(clips: list[np.ndarray], seconds: float) -> np.ndarray:
+    """Speech of exactly `seconds`: the clips one after another, repeated as needed, then cropped."""
+    n = int(seconds * SAMPLE_RATE)
+    joined = np.concatenate(clips)
+    reps = int(np.ceil(n / joined.size))
+    return np.tile(joined, reps)[:n].astype(np.float32)
+
+
+def _median(values) -> float:
+    return float(statistics.median(values))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _llasm_path(cfg: BenchConfig, clips: list[np.ndarray]) -> dict:
+    from .chat import LLaSM
+
+    t = time.perf_counter()
+    model = LLaSM.load(cfg.bundle, n_threads=cfg.threads)
+    res = PathResult(load_s=time.perf_counter() - t)
+    chat = model.chat()
+    for L in cfg.lengths:
+        x = clip_of_length(clips, L)
+        runs = []
+        for i in range(cfg.repeats + 1):
+            chat.reset()
+            r = chat.send(audio=x, max_tokens=1)
+            if i:  # the first run is the warm-up
+                runs.append(r.timings)
+        res.first_token_ms[L] = _median(r["first_token"] for r in runs)
+        res.encode_ms[L] = _median(r["features"] + r["encode"] for r in runs)
+        res.prefill_ms[L] = _median(r["prefill"] for r in runs)
+        res.rows[L] = model.bundle.geometry.n_embeddings(x.size)
+    decode = _decode_rate(model.llm, cfg.decode_tokens, cfg.repeats)
+    res.peak_rss_mb = _peak_rss_mb()
+    model.close()
+    return {"result": res, "decode": decode}
+
+
+def _decode_rate(llm, n: int, repeats: int) -> float:
+    """Tokens/s of the runtime's own greedy step (logits copy, argmax, piece, eval), EOS ignored."""
+    prompt = llm.tokenize("<|im_start|>user\nCount from one to one hundred.<|im_end|>\n<|im_start|>assistant\n")
+    rates = []
+    for _ in range(repeats + 1):
+        llm.truncate(0)
+        llm.eval_tokens(prompt)
+        t = time.perf_counter()
+        for _ in range(n):
+            token = int(np.argmax(llm.logits()))
+            llm.piece(token)
+            llm.eval_tokens([token])
+        rates.append(n / (time.perf_counter() - t))
+    llm.truncate(0)
+    return _median(rates[1:])
+
+
+def _plain_llama_rate(cfg: BenchConfig) -> dict:
+    """Tokens/s of plain llama-cpp-python generating greedily from the same GGUF (the baseline)."""
+    import llama_cpp
+
+    from .bundle import read_bundle
+
+    b = read_bundle(cfg.bundle, verify=False)
+    llm = llama_cpp.Llama(model_path=str(b.llm), n_ctx=2048, n_threads=cfg.threads, n_threads_batch=cfg.threads,
+                          lora_path=str(b.llm_lora) if b.llm_lora else None, verbose=False)
+    prompt = llm.tokenize(b"<|im_start|>user\nCount from one to one hundred.<|im_end|>\n<|im_start|>assistant\n",
+                          add_bos=False, special=True)
+    rates = []
+    for _ in range(cfg.repeats + 1):
+        llm.reset()
+        gen = llm.generate(prompt, temp=0.0, reset=True)
+        next(gen)  # prompt processed, first token sampled
+        t = time.perf_counter()
+        for _ in range(cfg.decode_tokens):
+            next(gen)
+        rates.append(cfg.decode_tokens / (time.perf_counter() - t))
+    llm.close()
+    return {"rate": _median(rates[1:])}
+
+
+def _cascade_path(cfg: BenchConfig, clips: list[np.ndarray]) -> dict:
+    try:
+        from faster_whisper import WhisperModel
+    except ImportError as e:
+        raise ValueError("the cascade baseline needs faster-whisper: pip install 'llasm[bench]'") from e
+    from .chat import LLaSM
+
+    t = time.perf_counter()
+    asr = WhisperModel(cfg.cascade_whisper, device="cpu", compute_type="int8", cpu_threads=cfg.threads or 0)
+    model = LLaSM.load(cfg.bundle, n_threads=cfg.threads)
+    res = PathResult(load_s=time.perf_counter() - t)
+    chat = model.chat()
+    for L in cfg.lengths:
+        x = clip_of_length(clips, L)
+        runs = []
+        for i in range(cfg.repeats + 1):
+            chat.reset()
+            a = time.perf_counter()
+            segments, _ = asr.transcribe(x, beam_size=1, language="en", temperature=0.0, vad_filter=False,
+                                         condition_on_previous_text=False, without_timestamps=True)
+            text = " ".join(s.text.strip() for s in segments)
+            t_asr = 1e3 * (time.perf_counter() - a)
+            r = chat.send(text=text or ".", max_tokens=1)
+            if i:
+                runs.append((t_asr, r.timings, len(model.llm.tokenize(text))))
+        res.first_token_ms[L] = _median(t + r["first_token"] for t, r, _ in runs)
+        res.encode_ms[L] = _median(t for t, _, _ in runs)
+        res.prefill_ms[L] = _median(r["prefill"] for _, r, _ in runs)
+        res.rows[L] = runs[-1][2]
+    res.peak_rss_mb = _peak_rss_mb()
+    model.close()
+    return {"result": res}
+
+
+def _in_child(fn, *args):
+    """Run fn in a fresh process (its own peak RSS); exceptions come back as ValueError."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def run_bench(cfg: BenchConfig) -> BenchResult:
+    import platform
+
+    from .bundle import read_bundle
+
+    b = read_bundle(cfg.bundle)
+    clips = [load_audio(c) for c in cfg.clips]
+    if not clips:
+        raise ValueError("the benchmark needs at least one speech clip (--audio)")
+    log.info("LLaSM path")
+    llasm = _in_child(_llasm_path, cfg, clips)
+    log.info("plain llama-cpp-python decode")
+    plain = _in_child(_plain_llama_rate, cfg)
+    cascade = None
+    if cfg.cascade_whisper:
+        log.info("cascade path")
+        cascade = _in_child(_cascade_path, cfg, clips)["result"]
+    size = sum(e["size"] for e in b.manifest["files"].values()) / 1e6
+    machine = f"{platform.processor() or platform.machine()}, {mp.cpu_count()} cores, threads={cfg.threads or 'auto'}"
+    return BenchResult(llasm["result"], cascade, llasm["decode"], plain["rate"], size, machine)
+
+
+def plot(result: BenchResult, path) -> None:
+    """First-token time vs audio length for both paths (matplotlib PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ValueError("plotting needs matplotlib: pip install 'llasm[bench]'") from e
+    fig, ax = plt.subplots(figsize=(6, 4))
+    L = sorted(result.llasm.first_token_ms)
+    ax.plot(L, [result.llasm.first_token_ms[x] for x in L], "o-", label="LLaSM (audio embeddings)")
+    if result.cascade:
+        ax.plot(L, [result.cascade.first_token_ms[x] for x in L], "s-", label="cascade (faster-whisper + LLM)")
+    ax.set_xlabel("audio length (s)")
+    ax.set_ylabel("end of speech -> first token (ms)")
+    ax.set_title(f"llasm-bench: {result.machine}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(path), dpi=120)
+    plt.close(fig)

@@ -1,0 +1,66 @@
+"""llasm-bench on the tiny bundle, one iteration: it runs and reports every figure (no timing assertions)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import tiny
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    sf = pytest.importorskip("soundfile")
+    path = tmp_path_factory.mktemp("bench") / "speech.wav"
+    sf.write(path, tiny.speech(1.5), 16000)
+    return path
+
+
+def _cascade_whisper():
+    """The packaged tiny.en CT2 model when faster-whisper and the package are installed, else no cascade."""
+    try:
+        import faster_whisper  # noqa: F401
+
+        from llasm.training.packaged import whisper_tiny_en_dir
+
+        return str(whisper_tiny_en_dir())
+    except (ImportError, FileNotFoundError):
+        return None
+
+
+def test_bench_reports_every_figure(bundle, clip, tmp_path):
+    args = [sys.executable, "-m", "llasm.cli.bench", "--bundle", str(bundle), "--audio", str(clip),
+            "--lengths", "1,3", "--repeats", "1", "--threads", "1", "--json", "-q"]
+    cascade = _cascade_whisper()
+    if cascade:
+        args += ["--cascade-whisper", cascade]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("first_token_ms", "encode_ms", "prefill_ms", "rows"):
+        assert set(out["llasm"][key]) == {"1.0", "3.0"}
+    assert out["llasm"]["rows"]["3.0"] > out["llasm"]["rows"]["1.0"]
+    assert out["llasm"]["peak_rss_mb"] > 0 and out["decode_tokens_per_s"] > 0
+    assert out["plain_llama_tokens_per_s"] > 0 and "decode_vs_plain_llama" in out["ratios"]
+    if cascade:
+        assert set(out["cascade"]["first_token_ms"]) == {"1.0", "3.0"}
+        assert "first_token_vs_cascade" in out["ratios"]
+
+
+def test_bench_rejects_bad_lengths(bundle, clip):
+    r = subprocess.run([sys.executable, "-m", "llasm.cli.bench", "--bundle", str(bundle), "--audio", str(clip),
+                        "--lengths", "one,two"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().startswith("llasm-bench: error: --lengths")
+
+
+def test_clip_of_length_tiles_and_crops():
+    import numpy as np
+
+    from llasm.runtime.bench import clip_of_length
+
+    a, b = np.ones(16000, np.float32), np.zeros(8000, np.float32)
+    x = clip_of_length([a, b], 2.0)
+    assert x.size == 32000 and x[:16000].all() and not x[16000:24000].any() and x[24000:].all()
