@@ -7,9 +7,22 @@ from .common import one_line_errors, setup_logging
 
 
 def _answerer(args):
-    """The LLM behind --responses llm. Not wired to llama.cpp yet: from Python, pass answer= to build()."""
-    raise ValueError("--responses llm has no LLM wired into the CLI yet; call "
-                     "llasm.training.speech_data.build(config, answer=fn) from Python")
+    """The LLM behind --responses llm: a GGUF answering the text question with its own chat template, greedily."""
+    from ..training.base import _local_path
+
+    path = _local_path(args.llm)
+    if not (path.is_file() and path.suffix == ".gguf"):
+        raise ValueError(f"--llm needs a .gguf file or package:qwen2.5-0.5b, got {args.llm}")
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=args.threads, verbose=False)
+
+    def answer(question: str) -> str:
+        out = llm.create_chat_completion(messages=[{"role": "user", "content": question}],
+                                         max_tokens=args.max_answer_tokens, temperature=0.0)
+        return out["choices"][0]["message"]["content"]
+
+    return answer
 
 
 def _engines(text: str) -> tuple:
@@ -33,6 +46,9 @@ def main(argv=None) -> None:
     b.add_argument("--noise", action="store_true", help="add white noise at a random SNR to most clips")
     b.add_argument("--responses", choices=("corpus", "llm"), default="corpus",
                    help="assistant answers: the corpus's reference answers, or an LLM's (cached in answers.jsonl)")
+    b.add_argument("--llm", default="package:qwen2.5-0.5b", help="GGUF that writes --responses llm answers")
+    b.add_argument("--max-answer-tokens", type=int, default=96)
+    b.add_argument("--threads", type=int, default=None)
     b.add_argument("--engines", default="", metavar="LANG=ENGINE,...",
                    help="TTS engine per language: piper (en) or espeak (en, zh); default en=piper,zh=espeak")
     b.add_argument("--sources", default="chatterbot,math,facts", help="texts to speak (default chatterbot,math,facts)")
