@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import shlex
 import sys
@@ -140,6 +141,23 @@ def interactive(chat, args, recorder=None, read_line=input, err=None) -> None:
             print(f"error: {str(e).strip().splitlines()[0]}", file=err)
 
 
+def _default_bundle():
+    """The default bundle, built on first use (needs the export and base extras once)."""
+    from ..runtime.chat import default_bundle_path
+
+    path = default_bundle_path()
+    if path.is_dir():
+        return path
+    try:
+        from ..export.default import ensure_default_bundle
+    except ImportError as e:
+        raise ValueError(f"the default bundle is built on first use and that needs {e.name}: "
+                         "pip install torch==2.13.0 && pip install 'llasm[export,base]'") from None
+    logging.getLogger().setLevel(logging.INFO)  # building takes minutes: show its progress
+    print(f"{PROG}: building the default bundle once into {path} ...", file=sys.stderr)
+    return ensure_default_bundle()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog=PROG, description="Ask a LLaSM bundle with speech and/or text, offline.")
     p.add_argument("--bundle", help="bundle directory (default: the default bundle)")
@@ -178,7 +196,8 @@ def main(argv=None) -> None:
         if args.mic:
             input_device(args.mic_device)  # so does a missing microphone (without --mic, text still works)
 
-        model = LLaSM.load(args.bundle, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+        bundle = args.bundle or _default_bundle()
+        model = LLaSM.load(bundle, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
         if args.transcribe:
             text = model.transcribe(args.audio)
             print(json.dumps({"text": text}, ensure_ascii=False) if args.json else text)

@@ -15,9 +15,32 @@ def _parse_value(text: str):
         return text
 
 
+def _presets_dir():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "training" / "presets"
+
+
+def _shipped() -> list[str]:
+    return sorted(p.stem for p in _presets_dir().glob("*.toml"))
+
+
+def _preset_path(name: str):
+    from pathlib import Path
+
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = _presets_dir() / f"{name}.toml"
+    if shipped.is_file():
+        return shipped
+    raise ValueError(f"no preset file {name!r}; shipped presets: {', '.join(_shipped())}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="llasm-train", description="Train one LLaSM stage from a preset (TOML).")
-    p.add_argument("preset", help="TOML file with TrainConfig fields (stage, data, out, whisper, llm, ...)")
+    p.add_argument("preset", help="TOML file with TrainConfig fields (stage, data, out, whisper, llm, ...), or the "
+                                  "name of a shipped preset (" + ", ".join(_shipped()) + ")")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset field")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -25,7 +48,7 @@ def main(argv=None) -> None:
     with one_line_errors("llasm-train"):
         from ..training.trainer import TrainConfig, train
 
-        with open(args.preset, "rb") as f:
+        with open(_preset_path(args.preset), "rb") as f:
             values = tomllib.load(f)
         for item in args.set:
             key, sep, value = item.partition("=")

@@ -63,8 +63,8 @@ class LLaSM:
              verify: bool = True, verbose: bool = False) -> "LLaSM":
         path = Path(bundle) if bundle is not None else default_bundle_path()
         if bundle is None and not path.is_dir():
-            raise BundleError(f"no default bundle at {path}: pass a bundle directory (llasm-export builds one) "
-                              f"or set {DEFAULT_BUNDLE_ENV}")
+            raise BundleError(f"no default bundle at {path}: run llasm-local once to build it, pass a bundle "
+                              f"directory (llasm-export builds one) or set {DEFAULT_BUNDLE_ENV}")
         b = read_bundle(path, verify=verify)
         encoder = AudioEncoder(b.audio_encoder, b.geometry, n_threads=n_threads)
         if encoder.n_embd != b.n_embd:

@@ -29,7 +29,7 @@ from .model import LLaSMConfig, LLaSMModel
 
 log = logging.getLogger(__name__)
 
-LLM_MODES = ("lora", "full")
+LLM_MODES = ("lora", "full", "frozen")  # stage 2; frozen: only the adaptor learns, the LLM ships untouched
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -100,7 +100,7 @@ def set_trainable(model: LLaSMModel, cfg: TrainConfig) -> str:
     """Freeze what the stage keeps fixed; -> the LLM mode written to the checkpoint."""
     model.requires_grad_(False)
     model.adaptor.requires_grad_(True)
-    if cfg.stage == 1:
+    if cfg.stage == 1 or cfg.llm_mode == "frozen":
         return "frozen"
     if cfg.llm_mode == "full":
         model.llm.requires_grad_(True)

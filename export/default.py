@@ -1,0 +1,34 @@
+"""The default bundle: built once, on first use, from the packaged base weights + the release checkpoint.
+
+The release checkpoint (export/release/default: config + adaptor weights, a few MB) is the one trained binary
+in the repository; its config names its bases as `package:` specs, so nothing is downloaded from a hub.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..runtime.bundle import BundleError, read_bundle
+from ..runtime.chat import default_bundle_path
+
+log = logging.getLogger(__name__)
+
+RELEASE = Path(__file__).resolve().parent / "release" / "default"
+
+
+def ensure_default_bundle(rebuild: bool = False) -> Path:
+    """The default bundle's directory, building it first if it is missing or broken."""
+    out = default_bundle_path()
+    if out.is_dir() and not rebuild:
+        try:
+            read_bundle(out, verify=False)
+            return out
+        except BundleError as e:
+            log.warning("rebuilding the default bundle: %s", e)
+    if not (RELEASE / "config.json").is_file():
+        raise BundleError(f"no release checkpoint at {RELEASE}: this llasm has no default model")
+    from .bundle import export_bundle
+
+    log.info("building the default bundle once into %s (a few minutes)", out)
+    export_bundle(RELEASE, out, onnx_precision="int8", gguf_type="base", overwrite=True)
+    return out
