@@ -27,6 +27,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N rows of each manifest")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--reference-whisper", metavar="DIR",
+                   help="also score Whisper alone (faster-whisper on this CTranslate2 model) on the --asr clips")
     p.add_argument("--n-gpu-layers", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -56,7 +58,17 @@ def main(argv=None) -> None:
                                   on_item=write, bundle=str(model.bundle.path))
             finally:
                 model.close()
-    print(json.dumps(result.summary(), ensure_ascii=False) if args.json else "\n".join(result.lines()))
+        reference = None
+        if args.reference_whisper and asr:
+            from ..runtime.evaluate import WhisperReference, evaluate_asr
+
+            reference = evaluate_asr(WhisperReference(args.reference_whisper, threads=args.threads), asr,
+                                     progress=not args.quiet)
+    summary = result.summary()
+    if reference is not None:
+        summary["reference_whisper_asr"] = reference.summary()
+    lines = result.lines() + (["", "Whisper alone (reference):"] + reference.lines() if reference is not None else [])
+    print(json.dumps(summary, ensure_ascii=False) if args.json else "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -382,6 +382,25 @@ def evaluate_asr(model, rows: Sequence[AsrRow], max_tokens: int = 256, progress:
     return AsrResult(items)
 
 
+class WhisperReference:
+    """Whisper on its own (faster-whisper, CTranslate2), duck-typed as a model that transcribes: the reference
+    WER of the very Whisper weights the bundle's encoder comes from."""
+
+    def __init__(self, path, compute_type: str = "int8", threads: int | None = None):
+        try:
+            from faster_whisper import WhisperModel
+        except ImportError as e:
+            raise ValueError("the Whisper reference needs faster-whisper: pip install 'llasm[bench]'") from e
+        self.model = WhisperModel(str(path), device="cpu", compute_type=compute_type, cpu_threads=threads or 0)
+
+    def transcribe(self, audio, max_tokens: int = 256) -> str:
+        from .audio import load_audio
+
+        segments, _ = self.model.transcribe(load_audio(audio), beam_size=1, temperature=0.0,
+                                            condition_on_previous_text=False)
+        return " ".join(seg.text.strip() for seg in segments)
+
+
 def evaluate_qa(model, rows: Sequence[QaRow], modes: Sequence[str] = MODES, max_tokens: int = 256,
                 progress: bool = False, on_item: Callable[[QaItem], None] | None = None) -> QaResult:
     """Ask every row in every mode it supports, each in a fresh conversation, greedy; score the replies."""

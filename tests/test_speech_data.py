@@ -202,3 +202,16 @@ def test_packaged_voices(tmp_path, monkeypatch):
     assert summary.skipped == {"tts failed": 1} and summary.clips_written == 5
     check_dataset(config.out)
     assert build(config, engines=engines, progress=False).clips_written == 0
+
+
+def test_qa_manifests_hold_short_checkable_answers(tmp_path):
+    from llasm.runtime.evaluate import read_qa_manifest
+    from llasm.training.speech_data import QA_MAX_WORDS, build
+
+    config = fake_config(tmp_path, langs=("en",), noise=False, limit=None, sources=("facts", "math"))
+    build(config, engines={"en": SineVoice()}, progress=False)
+    rows = read_qa_manifest(config.out / "qa.jsonl") + read_qa_manifest(config.out / "qa.heldout.jsonl")
+    assert rows and all(0 < len(a.split()) <= QA_MAX_WORDS for r in rows for a in r.answers)
+    heldout = {json.loads(l)["question"] for l in (config.out / "qa.heldout.jsonl").read_text().splitlines()}
+    train = {json.loads(l)["text"] for l in (config.out / "asr.jsonl").read_text().splitlines()}
+    assert heldout and not heldout & train  # evaluation questions are never training sentences

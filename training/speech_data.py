@@ -76,6 +76,10 @@ MATH_TEMPLATES = {
 CORPUS_DIRS = {"en": "english", "zh": "chinese"}
 
 
+QA_SOURCES = ("math", "facts", "chatterbot/trivia", "chatterbot/science", "chatterbot/history")
+QA_MAX_WORDS = 4  # longer reference answers cannot be matched inside a free-form reply
+
+
 class DataBuildError(ValueError):
     pass
 
@@ -301,7 +305,7 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
     answers = AnswerCache(out / "answers.jsonl", answer) if config.responses == "llm" else None
     summary = BuildSummary(out)
     plan = [(j, s) for lang in config.langs for j, s in enumerate(sentences(lang, config))]
-    manifests: dict[str, dict[str, list]] = {"train": {"asr": [], "conv": []}, "heldout": {"asr": [], "conv": []}}
+    manifests: dict[str, dict[str, list]] = {split: {"asr": [], "conv": [], "qa": []} for split in ("train", "heldout")}
 
     for j, s in tqdm(plan, desc="speech data", unit="clip", disable=not progress):
         rng = np.random.default_rng([config.seed, _stable_int("clip", s.lang, s.key)])
@@ -340,6 +344,9 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
         turns = conversation(kind, s, clip, reply, pick)
         audio_meta = audio_meta if kind != "text" else {}
         manifests[split]["conv"].append({"turns": turns, "kind": kind, **meta, **audio_meta})
+        short = [a for a in s.answers if 0 < len(a.split()) <= QA_MAX_WORDS]
+        if s.source in QA_SOURCES and short:  # questions with a short checkable answer: spoken-QA evaluation
+            manifests[split]["qa"].append({"audio": clip, "question": s.text, "answers": short, **meta})
         summary.audio_seconds += seconds
 
     for split, names in manifests.items():

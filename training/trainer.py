@@ -36,7 +36,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 @dataclass
 class TrainConfig:
     stage: int
-    data: str  # JSONL manifest
+    data: str | list  # JSONL manifest(s)
     out: str  # checkpoint directory
     whisper: str = ""  # base Whisper: transformers dir, CT2 dir, or package:NAME
     llm: str = ""  # base LLM: transformers dir, .gguf file, or package:NAME
@@ -169,7 +169,15 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
         model.llm.gradient_checkpointing_enable()
         if hasattr(model.llm, "enable_input_require_grads"):
             model.llm.enable_input_require_grads()
-    examples = read_manifest(cfg.data, model.cfg.transcribe_instruction)
+    examples = [ex for path in ([cfg.data] if isinstance(cfg.data, str) else cfg.data)
+                for ex in read_manifest(path, model.cfg.transcribe_instruction)]
+    if llm_mode == "frozen":  # text-only rows cannot reach the adaptor: skip their compute
+        with_audio = [ex for ex in examples if any(not isinstance(p, str) for t in ex.turns for p in t.parts)]
+        if len(with_audio) < len(examples):
+            log.info("LLM frozen: skipping %d text-only rows", len(examples) - len(with_audio))
+        examples = with_audio
+    if not examples:
+        raise ValueError(f"no usable training rows in {cfg.data}")
     collate = Collator(tokenizer, model.cfg.prompt, model.cfg.geometry)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
