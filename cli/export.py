@@ -10,7 +10,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="llasm-export", description="Build a bundle (ONNX + GGUF + manifest) from a checkpoint.")
     p.add_argument("checkpoint")
     p.add_argument("-o", "--out", required=True, help="bundle directory to write")
-    p.add_argument("--onnx", default="fp32", choices=["fp32", "int8"], help="audio encoder precision")
+    p.add_argument("--onnx", default="fp32", choices=["fp32", "fp16", "int8"], help="audio encoder precision")
     p.add_argument("--gguf", default="auto",
                    choices=["auto", "base", "f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"],
                    help="LLM weights: 'base' ships a GGUF base untouched (+ LoRA adapter); a type re-writes "

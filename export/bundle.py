@@ -15,12 +15,12 @@ import torch
 from ..runtime import bundle as B
 from ..runtime.llm import LLM
 from ..runtime.prompt import Turn
-from .onnx import ExportError, export_audio_encoder, quantize_int8, verify_audio_encoder
+from .onnx import ExportError, convert_fp16, export_audio_encoder, quantize_int8, verify_audio_encoder
 from .quantize import quantize_gguf
 
 log = logging.getLogger(__name__)
 
-ONNX_PRECISIONS = ("fp32", "int8")
+ONNX_PRECISIONS = ("fp32", "fp16", "int8")
 GGUF_TYPES = ("auto", "base", "f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 # auto: "base" when the base LLM is a GGUF file (shipped untouched, LoRA as a GGUF adapter beside it), else f16
 
@@ -111,11 +111,11 @@ def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str 
         export_audio_encoder(model.encoder, model.adaptor, geometry, onnx_path)
         r = verify_audio_encoder(model.encoder, model.adaptor, geometry, onnx_path, "fp32")
         report.checks["onnx_fp32_max_abs_diff"] = r.max_abs_diff
-        if onnx_precision == "int8":
-            q = tmp / "audio_encoder.int8.onnx"
-            quantize_int8(onnx_path, q)
-            r = verify_audio_encoder(model.encoder, model.adaptor, geometry, q, "int8")
-            report.checks["onnx_int8_min_cosine"] = r.min_cosine
+        if onnx_precision != "fp32":
+            q = tmp / f"audio_encoder.{onnx_precision}.onnx"
+            (quantize_int8 if onnx_precision == "int8" else convert_fp16)(onnx_path, q)
+            r = verify_audio_encoder(model.encoder, model.adaptor, geometry, q, onnx_precision)
+            report.checks[f"onnx_{onnx_precision}_min_cosine"] = r.min_cosine
             os.replace(q, onnx_path)
         import onnxruntime as ort
 

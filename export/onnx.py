@@ -62,6 +62,14 @@ def quantize_int8(src, dst) -> None:
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
 
 
+def convert_fp16(src, dst) -> None:
+    """fp16 weights and compute, fp32 input and output (onnxruntime's converter); for GPUs, slow on most CPUs."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
+
+
 def verify_audio_encoder(encoder: nn.Module, adaptor: nn.Module, geometry: AudioGeometry, path,
                          precision: str = "fp32", frame_counts=(100, 301, 1000)) -> OnnxReport:
     """Run the graph and torch on the same random log-mel at several lengths; fail past tolerance."""

@@ -154,3 +154,15 @@ def test_tampered_bundle_is_refused(bundle, tmp_path):
         f.write(bytes([last[0] ^ 0xFF]))
     with pytest.raises(BundleError, match="sha256"):
         read_bundle(copy)
+
+
+def test_width_mismatch_is_refused(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["n_embd"] = 896
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="bundle needs n_embd 896, audio encoder gives 64"):
+        LLaSM.load(copy)

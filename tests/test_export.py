@@ -16,14 +16,16 @@ from llasm.runtime.chat import LLaSM  # noqa: E402
 from llasm.training.checkpoint import CheckpointError  # noqa: E402
 
 
-def test_int8_encoder_and_q8_llm(checkpoint, tmp_path):
+@pytest.mark.parametrize("onnx_precision,gguf_type", [("int8", "q8_0"), ("fp16", "f16"), ("fp32", "q4_k_m")])
+def test_precisions_export_and_run(checkpoint, tmp_path, onnx_precision, gguf_type):
     out = tmp_path / "q"
-    report = export_bundle(checkpoint, out, onnx_precision="int8", gguf_type="q8_0")
-    assert report.checks["onnx_int8_min_cosine"] >= 0.99
+    report = export_bundle(checkpoint, out, onnx_precision=onnx_precision, gguf_type=gguf_type)
+    if onnx_precision != "fp32":
+        assert report.checks[f"onnx_{onnx_precision}_min_cosine"] >= 0.99
     assert report.checks["llm_kl"] >= 0.0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["files"]["llm"]["type"] == "q8_0"
-    assert manifest["files"]["audio_encoder"]["precision"] == "int8"
+    assert manifest["files"]["llm"]["type"] == gguf_type
+    assert manifest["files"]["audio_encoder"]["precision"] == onnx_precision
     assert sorted(p.name for p in out.iterdir()) == ["audio_encoder.onnx", "llm.gguf", "manifest.json"]
     model = LLaSM.load(out)
     assert model.chat().send(audio=tiny.speech(0.9), max_tokens=3).tokens == 3
