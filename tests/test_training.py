@@ -121,3 +121,15 @@ def test_resume_refuses_a_different_run(stage1, tiny_bases, speech_data, tmp_pat
                         save_every=1, batch_size=2, lr=5e-4, **tiny_bases)
     with pytest.raises(ValueError, match="different run"):
         train(other)
+
+
+def test_a_finished_run_can_be_extended(tiny_bases, speech_data, tmp_path):
+    common = dict(stage=1, data=str(speech_data / "asr.jsonl"), batch_size=2, lr=1e-2, warmup=1, **tiny_bases)
+    straight = train(TrainConfig(out=str(tmp_path / "a"), steps=4, **common))
+    train(TrainConfig(out=str(tmp_path / "b"), steps=2, **common))
+    with pytest.raises(ValueError, match="raise steps"):
+        train(TrainConfig(out=str(tmp_path / "b"), steps=2, **common))
+    extended = train(TrainConfig(out=str(tmp_path / "b"), steps=4, **common))
+    a, b = load_checkpoint(straight)[0], load_checkpoint(extended)[0]
+    for (name, x), (_, y) in zip(a.adaptor.state_dict().items(), b.adaptor.state_dict().items()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)

@@ -74,8 +74,10 @@ class TrainConfig:
                              f"{self.steps}, {self.batch_size}, {self.save_every}")
 
     def digest(self) -> str:
-        """Hash of what decides the result (not where it is written or how often it logs)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("out", "log_every", "save_every", "workers")}
+        """Hash of what decides the result (not where it is written, how often it logs, or how long it runs:
+        the schedule is warmup then constant, so raising `steps` continues a run exactly)."""
+        keep = {k: v for k, v in asdict(self).items()
+                if k not in ("out", "log_every", "save_every", "workers", "steps")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -135,7 +137,7 @@ def _resume_state(cfg: TrainConfig) -> dict | None:
     if ckpt.get("train", {}).get("digest") != cfg.digest():
         raise ValueError(f"{out} holds a checkpoint of a different run (other config); choose another out")
     if ckpt["train"]["step"] >= cfg.steps:
-        raise ValueError(f"{out} already holds the finished run ({ckpt['train']['step']} steps)")
+        raise ValueError(f"{out} already holds this run at step {ckpt['train']['step']}; raise steps to continue it")
     return torch.load(out / TRAINER_STATE, weights_only=False)
 
 
