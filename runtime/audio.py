@@ -4,6 +4,7 @@
       -> log-mel frames      one per HOP_LENGTH samples (10 ms)
       -> encoder frames      conv2 has stride 2: one per 20 ms
       -> adaptor rows        stack_factor encoder frames become one LLM embedding row
+                             (or fixed_rows per encoder pass, whatever its length: the llasm-query adaptor)
       + 2 rows               learned begin/end-of-audio embeddings around every audio segment
 
 Whisper's encoder has a table of 1500 positions (30 s); longer audio is cut into 30 s chunks.
@@ -36,12 +37,15 @@ class AudioGeometry:
     encoder_stride: int = ENCODER_STRIDE
     max_encoder_positions: int = MAX_ENCODER_POSITIONS
     boundary_rows: int = N_BOUNDARY_ROWS
+    fixed_rows: int = 0  # 0: rows grow with the length; > 0: rows per encoder pass, boundaries aside
 
     def __post_init__(self):
         if self.n_mels not in (80, 128):
             raise ValueError(f"n_mels must be 80 or 128 (Whisper's), got {self.n_mels}")
         if self.stack_factor < 1:
             raise ValueError(f"stack_factor must be >= 1, got {self.stack_factor}")
+        if self.fixed_rows < 0:
+            raise ValueError(f"fixed_rows must be >= 0 (0: rows grow with the length), got {self.fixed_rows}")
         if (self.sample_rate, self.n_fft, self.hop_length, self.encoder_stride) != (
             SAMPLE_RATE, N_FFT, HOP_LENGTH, ENCODER_STRIDE):
             raise ValueError("Whisper geometry is fixed: 16 kHz, n_fft 400, hop 160, stride 2")
@@ -61,6 +65,8 @@ class AudioGeometry:
 
     def n_rows_for_frames(self, n_frames: int) -> int:
         """Adaptor output rows for one encoder pass over n_frames log-mel frames."""
+        if self.fixed_rows:
+            return self.fixed_rows + self.boundary_rows
         return math.ceil(self.n_encoder_frames(n_frames) / self.stack_factor) + self.boundary_rows
 
     def chunks(self, n_samples: int) -> list[tuple[int, int]]:
@@ -74,6 +80,9 @@ class AudioGeometry:
 
     @property
     def embeddings_per_second(self) -> float:
+        """Rows per second of long audio, boundaries aside."""
+        if self.fixed_rows:
+            return self.fixed_rows * self.sample_rate / self.max_chunk_samples
         return self.sample_rate / (self.hop_length * self.encoder_stride * self.stack_factor)
 
     def to_dict(self) -> dict:

@@ -1,10 +1,9 @@
 """CTranslate2 Whisper encoder loading and packaged weights: parity with transformers and with ctranslate2."""
-import struct
-
 import numpy as np
 import pytest
 
 import tiny
+from ct2_writer import ct2_encoder_variables, write_ct2
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -13,54 +12,6 @@ from llasm.runtime.features import log_mel  # noqa: E402
 from llasm.training import packaged  # noqa: E402
 from llasm.training.base import BaseModelError, load_whisper  # noqa: E402
 from llasm.training.ct2 import load_ct2_whisper_encoder, read_ct2  # noqa: E402
-
-# --- a minimal CTranslate2 model.bin writer (binary version 6), the inverse of what the loader reads ---
-
-_DTYPE_IDS = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3,
-              np.dtype(np.float16): 4}
-
-
-def _string(s: str) -> bytes:
-    raw = s.encode() + b"\0"
-    return struct.pack("<H", len(raw)) + raw
-
-
-def write_ct2(path, variables: dict, aliases: dict = None, spec: str = "WhisperSpec") -> None:
-    out = [struct.pack("<I", 6), _string(spec), struct.pack("<I", 3), struct.pack("<I", len(variables))]
-    for name, a in sorted(variables.items()):
-        a = np.asarray(a, order="C")  # (np.ascontiguousarray would turn scalars 1-d)
-        out += [_string(name), struct.pack(f"<B{a.ndim}I", a.ndim, *a.shape),
-                struct.pack("<BI", _DTYPE_IDS[a.dtype], a.nbytes), a.tobytes()]
-    out.append(struct.pack("<I", len(aliases or {})))
-    for alias, target in (aliases or {}).items():
-        out += [_string(alias), _string(target)]
-    path.write_bytes(b"".join(out))
-
-
-def ct2_encoder_variables(hf_encoder, n_heads: int, dtype=np.float16) -> dict:
-    """A transformers WhisperEncoder's weights under faster-whisper's names (fused q|k|v, zero k bias)."""
-    s = {k: v.detach().numpy().astype(dtype) for k, v in hf_encoder.state_dict().items()}
-    v = {"encoder/num_heads": np.array(n_heads, np.int16),
-         "encoder/position_encodings/encodings": s["embed_positions.weight"],
-         "encoder/layer_norm/gamma": s["layer_norm.weight"], "encoder/layer_norm/beta": s["layer_norm.bias"]}
-    for conv in ("conv1", "conv2"):
-        v[f"encoder/{conv}/weight"], v[f"encoder/{conv}/bias"] = s[f"{conv}.weight"], s[f"{conv}.bias"]
-    for i in range(len(hf_encoder.layers)):
-        h, c = f"layers.{i}.", f"encoder/layer_{i}/"
-        a = h + "self_attn."
-        v[c + "self_attention/linear_0/weight"] = np.concatenate(
-            [s[a + "q_proj.weight"], s[a + "k_proj.weight"], s[a + "v_proj.weight"]])
-        v[c + "self_attention/linear_0/bias"] = np.concatenate(
-            [s[a + "q_proj.bias"], np.zeros_like(s[a + "q_proj.bias"]), s[a + "v_proj.bias"]])
-        v[c + "self_attention/linear_1/weight"], v[c + "self_attention/linear_1/bias"] = (
-            s[a + "out_proj.weight"], s[a + "out_proj.bias"])
-        v[c + "self_attention/layer_norm/gamma"] = s[h + "self_attn_layer_norm.weight"]
-        v[c + "self_attention/layer_norm/beta"] = s[h + "self_attn_layer_norm.bias"]
-        for j, fc in enumerate(("fc1", "fc2")):
-            v[c + f"ffn/linear_{j}/weight"], v[c + f"ffn/linear_{j}/bias"] = s[h + fc + ".weight"], s[h + fc + ".bias"]
-        v[c + "ffn/layer_norm/gamma"] = s[h + "final_layer_norm.weight"]
-        v[c + "ffn/layer_norm/beta"] = s[h + "final_layer_norm.bias"]
-    return v
 
 
 @pytest.fixture(scope="module")

@@ -116,3 +116,22 @@ def test_lora_adapter_changes_the_answer_logits(gguf_base_checkpoints, tmp_path)
     assert np.abs(with_lora.logits() - plain.logits()).max() > 1e-3
     with_lora.close()
     plain.close()
+
+
+def test_default_bundle_is_built_once_on_first_use(checkpoint, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import llasm.export.default as default
+
+    monkeypatch.setattr(default, "RELEASE", checkpoint)
+    monkeypatch.setenv("LLASM_BUNDLE", str(tmp_path / "cache" / "default"))
+    path = default.ensure_default_bundle()
+    assert path == tmp_path / "cache" / "default" and (path / "manifest.json").is_file()
+    stamp = (path / "manifest.json").stat().st_mtime_ns
+    assert default.ensure_default_bundle() == path and (path / "manifest.json").stat().st_mtime_ns == stamp
+    # llasm-local with no --bundle uses it
+    r = subprocess.run([sys.executable, "-m", "llasm.cli.local", "--text", "hi", "--max-tokens", "2", "--json"],
+                       capture_output=True, text=True, timeout=300, env={**__import__("os").environ})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["tokens"] == 2

@@ -1,13 +1,18 @@
-"""Pretrained parts from local files only (no hub): Whisper encoder, causal LM + tokenizer, prompt format."""
+"""Pretrained parts from local files only (no hub): Whisper encoder and decoder, causal LM + tokenizer, prompt
+format."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..runtime.prompt import PromptFormat
 from . import packaged
-from .ct2 import load_ct2_whisper_encoder
-from .whisper import WhisperEncoder, load_whisper_encoder
+from .ct2 import load_ct2_whisper_decoder, load_ct2_whisper_encoder
+from .whisper import WhisperDecoder, WhisperEncoder, load_hf_whisper_decoder, load_whisper_encoder
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,22 @@ def load_whisper(spec: str) -> WhisperEncoder:
         return load_ct2_whisper_encoder(path)
     if (path / "config.json").is_file():
         return load_whisper_encoder(path)
+    raise BaseModelError(f"no Whisper model at {spec}: expected a CTranslate2 directory or file (model.bin), "
+                         "a transformers directory with config.json, or package:whisper-base / "
+                         "package:whisper-tiny.en")
+
+
+def load_whisper_decoder(spec: str, n_queries: int = 64) -> tuple[WhisperDecoder, torch.Tensor]:
+    """A frozen Whisper decoder and its query rows (n_queries, d_model), the decoder-start token's embedding per
+    position, from the same specs as load_whisper. Only the first n_queries positions are kept, and no token table."""
+    path = _local_path(spec)
+    try:
+        if path.is_file() or (path / "model.bin").is_file():
+            return load_ct2_whisper_decoder(path, n_queries)
+        if (path / "config.json").is_file():
+            return load_hf_whisper_decoder(path, n_queries)
+    except ValueError as e:
+        raise BaseModelError(f"Whisper decoder from {spec}: {e}") from e
     raise BaseModelError(f"no Whisper model at {spec}: expected a CTranslate2 directory or file (model.bin), "
                          "a transformers directory with config.json, or package:whisper-base / "
                          "package:whisper-tiny.en")

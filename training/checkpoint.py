@@ -1,7 +1,7 @@
 """Checkpoint directory: what training learned plus the config to rebuild the model around it.
 
     config.json            format, version, model config (LLaSMConfig), base model paths, training config
-    adaptor.safetensors    the modal adaptor
+    adaptor.safetensors    the modal adaptor (a frozen Whisper decoder left out: it is reloaded from the base)
     lora/                  LoRA adapter of the LLM (peft format), when stage 2 used LoRA
     llm.safetensors        full LLM weights, when stage 2 fine-tuned the whole LLM
 
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .base import load_llm, load_whisper
+from .adaptor import saved_state
+from .base import load_llm, load_whisper, load_whisper_decoder
 from .model import LLaSMConfig, LLaSMModel
 
 TRAINER_STATE = "trainer_state.pt"  # optimizer, scheduler, step, RNG: for resuming; not needed to export
@@ -42,7 +43,7 @@ def save_checkpoint(model: LLaSMModel, out_dir, base: dict, train: dict | None =
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.adaptor.state_dict().items()},
+        save_file({k: v.detach().contiguous().cpu() for k, v in saved_state(model.adaptor).items()},
                   str(tmp / "adaptor.safetensors"))
         if llm_mode == "lora":
             model.llm.save_pretrained(str(tmp / "lora"))
@@ -112,10 +113,17 @@ def load_checkpoint(path, merge_lora: bool = False, trainable: bool = False):
         llm = PeftModel.from_pretrained(llm, str(path / "lora"), is_trainable=trainable)
         if merge_lora:
             llm = llm.merge_and_unload()
-    model = LLaSMModel(cfg, encoder, llm)
+    decoder = queries = None
+    if cfg.adaptor.kind == "llasm-query":
+        decoder, queries = load_whisper_decoder(config["base"]["whisper"], cfg.adaptor.n_queries)
+    model = LLaSMModel(cfg, encoder, llm, decoder, queries)
     state = load_file(str(path / "adaptor.safetensors"))
+    want = saved_state(model.adaptor).keys()
+    if state.keys() != want:
+        raise CheckpointError(f"adaptor weights in {path} do not fit the config: missing {sorted(want - state.keys())}"
+                              f", unexpected {sorted(state.keys() - want)}")
     try:
-        model.adaptor.load_state_dict(state)
+        model.adaptor.load_state_dict(state, strict=False)  # a frozen decoder is not in the file: keys checked above
     except RuntimeError as e:
         raise CheckpointError(f"adaptor weights in {path} do not fit the config: {str(e).splitlines()[0]}") from None
     return model.eval(), tokenizer, config

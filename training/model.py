@@ -15,7 +15,7 @@ from torch import nn
 from ..runtime.audio import AudioGeometry
 from ..runtime.prompt import TRANSCRIBE_INSTRUCTION, PromptFormat
 from .adaptor import AdaptorConfig, build_adaptor
-from .whisper import WhisperEncoder, WhisperEncoderConfig
+from .whisper import WhisperDecoder, WhisperEncoder, WhisperEncoderConfig
 
 IGNORE = -100  # label of positions that carry no loss
 
@@ -30,7 +30,8 @@ class LLaSMConfig:
 
     @property
     def geometry(self) -> AudioGeometry:
-        return AudioGeometry(n_mels=self.encoder.n_mels, stack_factor=self.adaptor.stack_factor)
+        return AudioGeometry(n_mels=self.encoder.n_mels, stack_factor=self.adaptor.stack_factor,
+                             fixed_rows=self.adaptor.fixed_rows)
 
     def to_dict(self) -> dict:
         return {"encoder": self.encoder.to_dict(), "adaptor": self.adaptor.to_dict(), "prompt": self.prompt.to_dict(),
@@ -55,14 +56,16 @@ class Batch:
 
 
 class LLaSMModel(nn.Module):
-    def __init__(self, cfg: LLaSMConfig, encoder: WhisperEncoder, llm: nn.Module):
+    def __init__(self, cfg: LLaSMConfig, encoder: WhisperEncoder, llm: nn.Module,
+                 decoder: WhisperDecoder | None = None, queries: torch.Tensor | None = None):
+        """decoder, queries: Whisper's decoder and its query rows, for the llasm-query adaptor."""
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
         self.llm = llm
         with torch.no_grad():
             embed_std = float(self.embed_tokens(torch.arange(min(1024, llm.config.vocab_size))).float().std())
-        self.adaptor = build_adaptor(cfg.adaptor, embed_std)
+        self.adaptor = build_adaptor(cfg.adaptor, embed_std, decoder, queries)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings as the LLM reads them (Gemma's scaling included by its embedding module)."""

@@ -21,14 +21,16 @@ from pathlib import Path
 
 import torch
 
-from .adaptor import AdaptorConfig
-from .base import load_llm, load_whisper, prompt_format
+from .adaptor import ADAPTOR_KINDS, AdaptorConfig, set_adaptor_trainable
+from .base import load_llm, load_whisper, load_whisper_decoder, prompt_format
 from .checkpoint import TRAINER_STATE, load_checkpoint, read_config, save_checkpoint
 from .data import Collator, read_manifest
 from .model import LLaSMConfig, LLaSMModel
 
 log = logging.getLogger(__name__)
 
+# Fields added after runs were made: at these defaults they stay out of the digest, so those runs still resume.
+_LATER_FIELDS = {"adaptor": "stack-mlp", "n_queries": 64, "train_decoder": False}
 LLM_MODES = ("lora", "full", "frozen")  # stage 2; frozen: only the adaptor learns, the LLM ships untouched
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -41,8 +43,11 @@ class TrainConfig:
     whisper: str = ""  # base Whisper: transformers dir, CT2 dir, or package:NAME
     llm: str = ""  # base LLM: transformers dir, .gguf file, or package:NAME
     init: str = ""  # checkpoint to start from (stage 2 starts from stage 1's)
-    stack_factor: int = 4
-    adaptor_hidden: int = 0
+    adaptor: str = "stack-mlp"  # or llasm-query (LLaSM's original: Whisper's decoder over fixed queries)
+    stack_factor: int = 4  # stack-mlp
+    adaptor_hidden: int = 0  # stack-mlp
+    n_queries: int = 64  # llasm-query
+    train_decoder: bool = False  # llasm-query
     llm_mode: str = "lora"  # stage 2
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -61,6 +66,8 @@ class TrainConfig:
     workers: int = 0  # data-loading processes
 
     def __post_init__(self):
+        if self.adaptor not in ADAPTOR_KINDS:
+            raise ValueError(f"adaptor must be one of {ADAPTOR_KINDS}, got {self.adaptor!r}")
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
         if self.llm_mode not in LLM_MODES:
@@ -77,7 +84,8 @@ class TrainConfig:
         """Hash of what decides the result (not where it is written, how often it logs, or how long it runs:
         the schedule is warmup then constant, so raising `steps` continues a run exactly)."""
         keep = {k: v for k, v in asdict(self).items()
-                if k not in ("out", "log_every", "save_every", "workers", "steps")}
+                if k not in ("out", "log_every", "save_every", "workers", "steps")
+                and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -89,19 +97,23 @@ def build_model(cfg: TrainConfig) -> tuple[LLaSMModel, object, dict]:
             model.llm = model.llm.merge_and_unload()
         return model, tokenizer, ckpt["base"]
     encoder = load_whisper(cfg.whisper)
+    decoder = queries = None
+    if cfg.adaptor == "llasm-query":
+        decoder, queries = load_whisper_decoder(cfg.whisper, cfg.n_queries)
     llm, tokenizer = load_llm(cfg.llm)
     mcfg = LLaSMConfig(
         encoder=encoder.cfg,
-        adaptor=AdaptorConfig(d_encoder=encoder.cfg.d_model, d_llm=llm.config.hidden_size,
-                              stack_factor=cfg.stack_factor, hidden=cfg.adaptor_hidden),
+        adaptor=AdaptorConfig(d_encoder=encoder.cfg.d_model, d_llm=llm.config.hidden_size, kind=cfg.adaptor,
+                              stack_factor=cfg.stack_factor, hidden=cfg.adaptor_hidden, n_queries=cfg.n_queries,
+                              train_decoder=cfg.train_decoder),
         prompt=prompt_format(tokenizer), llm_arch=llm.config.model_type)
-    return LLaSMModel(mcfg, encoder, llm), tokenizer, {"whisper": cfg.whisper, "llm": cfg.llm}
+    return LLaSMModel(mcfg, encoder, llm, decoder, queries), tokenizer, {"whisper": cfg.whisper, "llm": cfg.llm}
 
 
 def set_trainable(model: LLaSMModel, cfg: TrainConfig) -> str:
     """Freeze what the stage keeps fixed; -> the LLM mode written to the checkpoint."""
     model.requires_grad_(False)
-    model.adaptor.requires_grad_(True)
+    set_adaptor_trainable(model.adaptor)
     if cfg.stage == 1 or cfg.llm_mode == "frozen":
         return "frozen"
     if cfg.llm_mode == "full":
@@ -156,7 +168,7 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
         model, tokenizer, ckpt = load_checkpoint(cfg.out, trainable=True)
         base, llm_mode, history = ckpt["base"], ckpt["llm_mode"], ckpt["train"]["loss"]
         model.requires_grad_(False)
-        model.adaptor.requires_grad_(True)
+        set_adaptor_trainable(model.adaptor)
         if llm_mode == "full":
             model.llm.requires_grad_(True)
         elif llm_mode == "lora":
