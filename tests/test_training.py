@@ -133,3 +133,28 @@ def test_a_finished_run_can_be_extended(tiny_bases, speech_data, tmp_path):
     a, b = load_checkpoint(straight)[0], load_checkpoint(extended)[0]
     for (name, x), (_, y) in zip(a.adaptor.state_dict().items(), b.adaptor.state_dict().items()):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_encoder_cache_skips_the_encoder_and_changes_nothing(tiny_bases, speech_data):
+    from llasm.training.model import EncoderCache
+
+    cfg = TrainConfig(stage=1, data=str(speech_data / "asr.jsonl"), out="unused", **tiny_bases)
+    model, tok, _ = build_model(cfg)
+    model.eval()
+    examples = read_manifest(speech_data / "asr.jsonl", model.cfg.transcribe_instruction)
+    collate = Collator(tok, model.cfg.prompt, model.cfg.geometry)
+    with torch.no_grad():
+        plain = model(collate(examples[:3]))
+        model.encoder_cache = EncoderCache()
+        first = model(collate(examples[:3]))
+        calls = []
+        model.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        second = model(collate(examples[1:4]))  # two chunks known, one new
+        again = model(collate(examples[:3]))
+    assert calls == [1]  # only the unseen chunk went through the encoder
+    assert model.encoder_cache.hits == 5 and len(model.encoder_cache.frames) == 4
+    torch.testing.assert_close(first, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, plain, atol=1e-5, rtol=1e-5)
+    model.encoder_cache = None
+    with torch.no_grad():
+        torch.testing.assert_close(model(collate(examples[1:4])), second, atol=1e-5, rtol=1e-5)

@@ -93,7 +93,7 @@ class Collator:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def __call__(self, examples: list[Example]) -> Batch:
-        mels, items = [], []
+        mels, items, keys = [], [], []
         for ex in examples:
             pieces = []
             for seg in self.prompt.render(ex.turns, add_generation_prompt=False):
@@ -102,6 +102,7 @@ class Collator:
                     chunk_ids = []
                     for s, e in self.geometry.chunks(samples.numel()):
                         chunk_ids.append(len(mels))
+                        keys.append(f"{seg.audio}#{s}" if isinstance(seg.audio, (str, Path)) else None)
                         mels.append(log_mel(samples[s:e], self.geometry.n_mels))
                     pieces.append(("audio", chunk_ids))
                 else:
@@ -114,4 +115,4 @@ class Collator:
         mel = torch.zeros(len(mels), self.geometry.n_mels, T)
         for i, m in enumerate(mels):
             mel[i, :, : m.shape[1]] = m
-        return Batch(mel=mel, n_frames=n_frames, items=items)
+        return Batch(mel=mel, n_frames=n_frames, items=items, keys=keys)

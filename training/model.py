@@ -49,10 +49,32 @@ class Batch:
     mel: torch.Tensor  # (A, n_mels, T) every audio chunk in the batch, zero-padded
     n_frames: torch.Tensor  # (A,) real log-mel frames per chunk
     items: list = field(default_factory=list)  # per sample: [("text", ids, labels) | ("audio", [chunk, ...])]
+    keys: list = field(default_factory=list)  # per chunk: a stable name (path + chunk) for the encoder cache
 
     def to(self, device) -> "Batch":
         items = [[(p[0], p[1].to(device), p[2].to(device)) if p[0] == "text" else p for p in it] for it in self.items]
-        return Batch(self.mel.to(device), self.n_frames.to(device), items)
+        return Batch(self.mel.to(device), self.n_frames.to(device), items, self.keys)
+
+
+class EncoderCache:
+    """Frozen-encoder outputs by chunk key, kept on the CPU: later epochs skip the encoder. float32, so a cached
+    chunk gives what the encoder gives (to padding's 1e-6), and resumed runs match uninterrupted ones."""
+
+    def __init__(self, max_bytes: int = 8 << 30):
+        self.frames: dict[str, torch.Tensor] = {}
+        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
+
+    def get(self, key):
+        hit = self.frames.get(key) if key is not None else None
+        self.hits += hit is not None
+        self.misses += hit is None
+        return hit
+
+    def put(self, key, frames: torch.Tensor) -> None:
+        size = frames.numel() * 4
+        if key is not None and self.bytes + size <= self.max_bytes:
+            self.frames[key] = frames.detach().to("cpu", torch.float32)
+            self.bytes += size
 
 
 class LLaSMModel(nn.Module):
@@ -61,6 +83,7 @@ class LLaSMModel(nn.Module):
         """decoder, queries: Whisper's decoder and its query rows, for the llasm-query adaptor."""
         super().__init__()
         self.cfg = cfg
+        self.encoder_cache: EncoderCache | None = None  # set by the trainer for frozen-encoder stages
         self.encoder = encoder
         self.llm = llm
         with torch.no_grad():
@@ -71,9 +94,29 @@ class LLaSMModel(nn.Module):
         """Token embeddings as the LLM reads them (Gemma's scaling included by its embedding module)."""
         return self.llm.get_input_embeddings()(ids)
 
-    def audio_rows(self, mel: torch.Tensor, n_frames: torch.Tensor) -> list[torch.Tensor]:
+    def encode(self, mel: torch.Tensor, n_frames: torch.Tensor, keys=None) -> torch.Tensor:
+        """(A, n_mels, T) -> (A, T', C) encoder frames; with an encoder_cache, known chunks skip the encoder."""
+        cache = getattr(self, "encoder_cache", None)
+        if cache is None or not keys or self.encoder.training or any(p.requires_grad for p in self.encoder.parameters()):
+            return self.encoder(mel, n_frames)
+        T = (mel.shape[-1] - 1) // 2 + 1
+        cached = [cache.get(k) for k in keys]
+        todo = [i for i, c in enumerate(cached) if c is None]
+        out = mel.new_zeros(mel.shape[0], T, self.encoder.cfg.d_model)
+        if todo:
+            fresh = self.encoder(mel[todo], n_frames[todo])  # (len(todo), T, C)
+            for j, i in enumerate(todo):
+                n = int((n_frames[i] - 1) // 2 + 1)
+                cache.put(keys[i], fresh[j, :n])
+                out[i] = fresh[j]
+        for i, c in enumerate(cached):
+            if c is not None:
+                out[i, : c.shape[0]] = c.to(out.dtype)
+        return out
+
+    def audio_rows(self, mel: torch.Tensor, n_frames: torch.Tensor, keys=None) -> list[torch.Tensor]:
         """(A, n_mels, T) chunks -> per chunk (rows, D), in the LLM's input-embedding space."""
-        frames = self.encoder(mel, n_frames)  # (A, T', C), zero-independent of padding
+        frames = self.encode(mel, n_frames, keys)  # (A, T', C), zero-independent of padding
         n_enc = (n_frames - 1) // 2 + 1
         keep = torch.arange(frames.shape[1], device=frames.device)[None, :] < n_enc[:, None]
         frames = frames * keep[..., None].to(frames.dtype)  # (A, T', C), zero past each end
@@ -81,7 +124,7 @@ class LLaSMModel(nn.Module):
 
     def assemble(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> inputs_embeds (B, L, D), attention_mask (B, L), labels (B, L), right-padded."""
-        rows = self.audio_rows(batch.mel, batch.n_frames) if batch.mel.numel() else []
+        rows = self.audio_rows(batch.mel, batch.n_frames, batch.keys) if batch.mel.numel() else []
         seqs, labels = [], []
         for item in batch.items:
             parts, labs = [], []

@@ -25,7 +25,7 @@ from .adaptor import ADAPTOR_KINDS, AdaptorConfig, set_adaptor_trainable
 from .base import load_llm, load_whisper, load_whisper_decoder, prompt_format
 from .checkpoint import TRAINER_STATE, load_checkpoint, read_config, save_checkpoint
 from .data import Collator, read_manifest
-from .model import LLaSMConfig, LLaSMModel
+from .model import EncoderCache, LLaSMConfig, LLaSMModel
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on a GPU that has it, fp32 elsewhere
     gradient_checkpointing: bool = False
     workers: int = 0  # data-loading processes
+    cache_encoder: bool = True  # keep frozen-encoder outputs (CPU) so later epochs skip the encoder
 
     def __post_init__(self):
         if self.adaptor not in ADAPTOR_KINDS:
@@ -84,7 +85,7 @@ class TrainConfig:
         """Hash of what decides the result (not where it is written, how often it logs, or how long it runs:
         the schedule is warmup then constant, so raising `steps` continues a run exactly)."""
         keep = {k: v for k, v in asdict(self).items()
-                if k not in ("out", "log_every", "save_every", "workers", "steps")
+                if k not in ("out", "log_every", "save_every", "workers", "steps", "cache_encoder")
                 and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -202,6 +203,8 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
         sched.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["torch_rng"])
         start = resume["step"]
+    if cfg.cache_encoder:
+        model.encoder_cache = EncoderCache()
     model, opt = acc.prepare(model, opt)
     inner = acc.unwrap_model(model)
     inner.train()
