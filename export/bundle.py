@@ -104,6 +104,7 @@ def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str 
     geometry = model.cfg.geometry
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is an ordinary readable directory
     report = ExportReport(out)
     try:
         onnx_path = tmp / "audio_encoder.onnx"

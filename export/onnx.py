@@ -5,6 +5,7 @@ The contract (names, dynamic axis, dtypes) is declared here and checked after ex
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def export_audio_encoder(encoder: nn.Module, adaptor: nn.Module, geometry: Audio
     """Write the fp32 graph with a dynamic frame axis."""
     graph = AudioEncoderGraph(encoder, adaptor).eval().float()
     dummy = torch.randn(1, geometry.n_mels, 300)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and legacy-exporter notices; the result is verified instead
         torch.onnx.export(graph, (dummy,), str(path), input_names=[INPUT], output_names=[OUTPUT],
                           dynamic_axes={INPUT: {2: "n_frames"}, OUTPUT: {0: "n_rows"}}, opset_version=OPSET,
                           dynamo=False, do_constant_folding=True)
@@ -59,7 +61,13 @@ def quantize_int8(src, dst) -> None:
     """Dynamic int8 quantization of the MatMul weights (onnxruntime's own tooling)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its "consider pre-processing" notice; quality is verified after
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
 
 
 def convert_fp16(src, dst) -> None:

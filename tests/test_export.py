@@ -135,3 +135,7 @@ def test_default_bundle_is_built_once_on_first_use(checkpoint, tmp_path, monkeyp
                        capture_output=True, text=True, timeout=300, env={**__import__("os").environ})
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["tokens"] == 2
+
+
+def test_bundle_directory_is_readable_by_others(bundle):
+    assert (bundle.stat().st_mode & 0o777) == 0o755

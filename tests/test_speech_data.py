@@ -171,7 +171,10 @@ def test_missing_packages_name_the_pip_package(monkeypatch):
 def test_cli_maps_errors_to_one_line(tmp_path, capsys):
     from llasm.cli.data import main
 
-    for argv, expected in [(["--langs", "fr"], "langs must be among"), (["--responses", "llm"], "no LLM wired")]:
+    not_gguf = tmp_path / "model.bin"
+    not_gguf.write_bytes(b"not a model")
+    for argv, expected in [(["--langs", "fr"], "langs must be among"),
+                           (["--responses", "llm", "--llm", str(not_gguf)], "--llm needs a .gguf file")]:
         with pytest.raises(SystemExit) as e:
             main(["build", str(tmp_path / "d"), *argv])
         err = capsys.readouterr().err.strip()

@@ -42,6 +42,7 @@ def save_checkpoint(model: LLaSMModel, out_dir, base: dict, train: dict | None =
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in saved_state(model.adaptor).items()},
                   str(tmp / "adaptor.safetensors"))
