@@ -30,5 +30,5 @@ def ensure_default_bundle(rebuild: bool = False) -> Path:
     from .bundle import export_bundle
 
     log.info("building the default bundle once into %s (a few minutes)", out)
-    export_bundle(RELEASE, out, onnx_precision="int8", gguf_type="base", overwrite=True)
+    export_bundle(RELEASE, out, onnx_precision="int8", gguf_type="auto", overwrite=True)
     return out
