@@ -64,6 +64,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on a GPU that has it, fp32 elsewhere
     gradient_checkpointing: bool = False
     workers: int = 0  # data-loading processes
+    objective: str = "llm"  # llm: next-token loss through the LLM; ctc: warm start against token embeddings
     cache_encoder: bool = True  # keep frozen-encoder outputs (CPU) so later epochs skip the encoder
 
     def __post_init__(self):
@@ -73,6 +74,10 @@ class TrainConfig:
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
         if self.llm_mode not in LLM_MODES:
             raise ValueError(f"llm_mode must be one of {LLM_MODES}, got {self.llm_mode!r}")
+        if self.objective not in ("llm", "ctc"):
+            raise ValueError(f"objective must be llm or ctc, got {self.objective!r}")
+        if self.objective == "ctc" and self.stage != 1:
+            raise ValueError("the ctc objective is a stage-1 warm start (stage = 1)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.init and not (self.whisper and self.llm):
@@ -194,7 +199,16 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
     if not examples:
         raise ValueError(f"no usable training rows in {cfg.data}")
     collate = Collator(tokenizer, model.cfg.prompt, model.cfg.geometry)
-    params = [p for p in model.parameters() if p.requires_grad]
+    head = None
+    if cfg.objective == "ctc":
+        from .ctc import CTCHead
+
+        with torch.no_grad():
+            head = CTCHead(model.embed_tokens(torch.arange(model.llm.config.vocab_size)))
+        if resume and "ctc_head" in resume:
+            head.load_state_dict(resume["ctc_head"], strict=False)
+        n_end = len(collate.tokens(model.cfg.prompt.end_of_turn))
+    params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     start = 0
@@ -217,7 +231,12 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
     for step in range(start, cfg.steps):
         batch = collate([examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, step)])
         with acc.autocast():
-            loss = model(batch.to(acc.device))
+            if head is None:
+                loss = model(batch.to(acc.device))
+            else:
+                from .ctc import ctc_rows_and_targets
+
+                loss = head.to(acc.device).loss(*ctc_rows_and_targets(inner, batch.to(acc.device), n_end))
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(params, 1.0)
@@ -234,20 +253,22 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
         if on_step is not None:
             on_step(step + 1, history[-1])
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps and acc.is_main_process:
-            _save(inner, cfg, base, llm_mode, history, step + 1, opt, sched)
+            _save(inner, cfg, base, llm_mode, history, step + 1, opt, sched, head=head)
     if bar is not None:
         bar.close()
     inner.eval()
     samples_s = n_items / max(time.perf_counter() - t0, 1e-9)
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return _save(inner, cfg, base, llm_mode, history, cfg.steps, opt, sched,
+    return _save(inner, cfg, base, llm_mode, history, cfg.steps, opt, sched, head=head,
                  extra={"samples_per_s": samples_s, "peak_gpu_bytes": peak, "precision": precision})
 
 
-def _save(model, cfg, base, llm_mode, history, step, opt, sched, extra=None) -> Path:
+def _save(model, cfg, base, llm_mode, history, step, opt, sched, extra=None, head=None) -> Path:
     info = {"config": asdict(cfg), "digest": cfg.digest(), "step": step, "loss": list(history), **(extra or {})}
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "torch_rng": torch.get_rng_state()}
+    if head is not None:
+        state["ctc_head"] = {k: v for k, v in head.state_dict().items()}
     return save_checkpoint(model, cfg.out, base, info, llm_mode, trainer_state=state)
 
 
