@@ -149,10 +149,12 @@ def _default_bundle():
     if path.is_dir():
         return path
     try:
-        from ..export.default import ensure_default_bundle
+        from ..export.default import RELEASE, ensure_default_bundle
     except ImportError as e:
         raise ValueError(f"the default bundle is built on first use and that needs {e.name}: "
                          "pip install torch==2.13.0 && pip install 'llasm[export,base]'") from None
+    if not (RELEASE / "config.json").is_file():
+        raise ValueError("no default model ships with this llasm yet: pass --bundle DIR (llasm-export builds one)")
     logging.getLogger().setLevel(logging.INFO)  # building takes minutes: show its progress
     print(f"{PROG}: building the default bundle once into {path} ...", file=sys.stderr)
     return ensure_default_bundle()

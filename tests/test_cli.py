@@ -121,3 +121,14 @@ def test_data_answers_come_from_a_gguf(tmp_path):
     answer = _answerer(argparse.Namespace(llm=str(tmp_path / "m.gguf"), threads=1, max_answer_tokens=4))
     a, b = answer("What is the capital of France?"), answer("What is the capital of France?")
     assert isinstance(a, str) and a == b  # greedy: the same question gets the same answer
+
+
+def test_no_default_model_is_one_clear_line(tmp_path):
+    pytest.importorskip("torch")
+    from llasm.export.default import RELEASE
+
+    if (RELEASE / "config.json").is_file():
+        pytest.skip("a release checkpoint ships: the default bundle would be built")
+    r = subprocess.run([sys.executable, "-m", "llasm.cli.local", "--text", "hi"], capture_output=True, text=True,
+                       timeout=120, env={**__import__("os").environ, "LLASM_BUNDLE": str(tmp_path / "none")})
+    assert "no default model ships" in _one_line_error(r, "llasm-local")
