@@ -174,3 +174,13 @@ def test_ctc_warm_start_trains_only_the_adaptor_and_learns(tiny_bases, speech_da
     assert "boundary" not in _changed(_snapshot(before.adaptor), _snapshot(after.adaptor))  # CTC ignores them
     with pytest.raises(ValueError, match="stage-1 warm start"):
         TrainConfig(stage=2, objective="ctc", data="x", out="o", init="c")
+
+
+def test_gradient_checkpointing_gives_the_same_step(stage1, speech_data, tmp_path):
+    """Stage 2 with LoRA and activation checkpointing: same losses as without (it only trades compute for memory)."""
+    _, s1 = stage1
+    common = dict(stage=2, init=str(s1), data=str(speech_data / "conv.jsonl"), steps=2, batch_size=2, lr=1e-2,
+                  warmup=1, lora_rank=4)
+    plain = load_checkpoint(train(TrainConfig(out=str(tmp_path / "a"), **common)))[2]["train"]["loss"]
+    ckpt = load_checkpoint(train(TrainConfig(out=str(tmp_path / "b"), gradient_checkpointing=True, **common)))
+    assert ckpt[2]["train"]["loss"] == pytest.approx(plain, abs=1e-5)
