@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, AudioError, load_audio
+from .audio import SAMPLE_RATE, load_audio
 from .bundle import Bundle, BundleError, read_bundle
 from .encoder import AudioEncoder
 from .llm import LLM, ContextFull
@@ -228,7 +228,7 @@ class Chat:
         llm = self.model.llm
         size = lambda items: sum(len(f) for f in items)  # noqa: E731
         feed = self._feed(turn, rows, start=not self.exchanges)
-        if llm.n_past + size(feed) + reserve <= llm.n_ctx:
+        if size(self._fed) + size(feed) + reserve <= llm.n_ctx:  # not n_past: another chat's leftovers don't count
             return feed
         for drop in range(1, len(self.exchanges) + 1):
             kept = self.exchanges[drop:]
@@ -270,15 +270,16 @@ class Chat:
             text = ""
             t_first = None
             stops = prompt.stop
+            longest_stop = max((len(s) for s in stops), default=0)
             try:
                 while len(generated) < max_tokens and not self._cancel.is_set() and llm.n_past + len(end) < llm.n_ctx:
-                    token = _sample(llm.logits(), temperature, rng)
+                    token = _sample(llm.logits(copy=False), temperature, rng)
                     if llm.is_eog(token):
                         break
                     generated.append(token)
                     piece = decoder.decode(llm.piece(token))
                     text += piece
-                    if stops and any(s in text for s in stops):
+                    if stops and any(s in text[-(len(piece) + longest_stop):] for s in stops):
                         text = text[: min(text.index(s) for s in stops if s in text)]
                         break
                     if t_first is None:

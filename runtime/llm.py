@@ -129,10 +129,12 @@ class LLM:
             self._decode(self._embeds, chunk.shape[0], "embedding rows")
             self.cache.extend([EMBEDDING] * chunk.shape[0])
 
-    def logits(self) -> np.ndarray:
-        """Logits after the last evaluated position, (n_vocab,) float32 copy."""
+    def logits(self, copy: bool = True) -> np.ndarray:
+        """Logits after the last evaluated position, (n_vocab,) float32. copy=False: a view into llama.cpp's
+        buffer, valid until the next decode (the per-token sampler reads it at once)."""
         ptr = self._lib.llama_get_logits_ith(self.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        view = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return view.copy() if copy else view
 
     def truncate(self, n: int) -> None:
         """Forget KV positions n and later."""

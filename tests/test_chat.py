@@ -104,3 +104,16 @@ def test_new_conversations_reuse_the_cached_system_prompt(bundle):
     other.send(text="hi", max_tokens=2)
     _cache_matches_history(model, other)
     model.close()
+
+
+def test_a_new_chat_is_not_refused_for_another_chats_long_history(bundle):
+    model = LLaSM.load(bundle, n_ctx=256)
+    long = model.chat()
+    while model.llm.n_past < 200:  # another conversation fills most of the context
+        long.send(text="tell me more about it please", max_tokens=20)
+    fresh = model.chat()
+    assert fresh.send(text="hi", max_tokens=8).tokens == 8  # fits: the other chat's positions are not its own
+    _cache_matches_history(model, fresh)
+    assert long.send(text="and again", max_tokens=2).tokens == 2  # the first chat is restored for its turn
+    _cache_matches_history(model, long)
+    model.close()
