@@ -88,41 +88,63 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _llasm_path(cfg: BenchConfig, clips: list[np.ndarray]) -> dict:
-    from .chat import LLaSM
+DECODE_QUESTION = "Count from one to one hundred."
 
-    t = time.perf_counter()
-    model = LLaSM.load(cfg.bundle, n_threads=cfg.threads)
-    res = PathResult(load_s=time.perf_counter() - t)
-    chat = model.chat()
+
+def _sweep(cfg: BenchConfig, clips: list[np.ndarray], chat, ask) -> PathResult:
+    """Per audio length: one warm-up, then `repeats` timed runs of ask(x) -> (first_token, encode, prefill, rows)
+    in ms (rows: LLM positions), each from a fresh conversation; medians."""
+    res = PathResult()
     for L in cfg.lengths:
         x = clip_of_length(clips, L)
         runs = []
         for i in range(cfg.repeats + 1):
             chat.reset()
-            r = chat.send(audio=x, max_tokens=1)
+            run = ask(x)
             if i:  # the first run is the warm-up
-                runs.append(r.timings)
-        res.first_token_ms[L] = _median(r["first_token"] for r in runs)
-        res.encode_ms[L] = _median(r["features"] + r["encode"] for r in runs)
-        res.prefill_ms[L] = _median(r["prefill"] for r in runs)
-        res.rows[L] = model.bundle.geometry.n_embeddings(x.size)
-    decode = _decode_rate(model.llm, cfg.decode_tokens, cfg.repeats)
+                runs.append(run)
+        res.first_token_ms[L], res.encode_ms[L], res.prefill_ms[L] = (_median(r[k] for r in runs) for k in range(3))
+        res.rows[L] = runs[-1][3]
+    return res
+
+
+def _llasm_path(cfg: BenchConfig, clips: list[np.ndarray]) -> dict:
+    from .chat import LLaSM
+
+    t = time.perf_counter()
+    model = LLaSM.load(cfg.bundle, n_threads=cfg.threads)
+    load_s = time.perf_counter() - t
+    chat = model.chat()
+
+    def ask(x):
+        r = chat.send(audio=x, max_tokens=1).timings
+        return r["first_token"], r["features"] + r["encode"], r["prefill"], model.bundle.geometry.n_embeddings(x.size)
+
+    res = _sweep(cfg, clips, chat, ask)
+    res.load_s = load_s
+    decode = _decode_rate(model.llm, _decode_prompt(model.bundle), cfg.decode_tokens, cfg.repeats)
     res.peak_rss_mb = _peak_rss_mb()
     model.close()
     return {"result": res, "decode": decode}
 
 
-def _decode_rate(llm, n: int, repeats: int) -> float:
-    """Tokens/s of the runtime's own greedy step (logits copy, argmax, piece, eval), EOS ignored."""
-    prompt = llm.tokenize("<|im_start|>user\nCount from one to one hundred.<|im_end|>\n<|im_start|>assistant\n")
+def _decode_prompt(bundle) -> str:
+    """The decode benchmark's prompt in the bundle's own chat format (bos, default system, question)."""
+    from .prompt import Turn
+
+    return "".join(seg.text for seg in bundle.prompt.render([Turn("user", (DECODE_QUESTION,))]))
+
+
+def _decode_rate(llm, prompt: str, n: int, repeats: int) -> float:
+    """Tokens/s of the runtime's own greedy step (logits read, argmax, piece, eval), EOS ignored."""
+    ids = llm.tokenize(prompt)
     rates = []
     for _ in range(repeats + 1):
         llm.truncate(0)
-        llm.eval_tokens(prompt)
+        llm.eval_tokens(ids)
         t = time.perf_counter()
         for _ in range(n):
-            token = int(np.argmax(llm.logits()))
+            token = int(np.argmax(llm.logits(copy=False)))
             llm.piece(token)
             llm.eval_tokens([token])
         rates.append(n / (time.perf_counter() - t))
@@ -139,8 +161,7 @@ def _plain_llama_rate(cfg: BenchConfig) -> dict:
     b = read_bundle(cfg.bundle, verify=False)
     llm = llama_cpp.Llama(model_path=str(b.llm), n_ctx=2048, n_threads=cfg.threads, n_threads_batch=cfg.threads,
                           lora_path=str(b.llm_lora) if b.llm_lora else None, verbose=False)
-    prompt = llm.tokenize(b"<|im_start|>user\nCount from one to one hundred.<|im_end|>\n<|im_start|>assistant\n",
-                          add_bos=False, special=True)
+    prompt = llm.tokenize(_decode_prompt(b).encode("utf-8"), add_bos=False, special=True)
     rates = []
     for _ in range(cfg.repeats + 1):
         llm.reset()
@@ -164,32 +185,27 @@ def _cascade_path(cfg: BenchConfig, clips: list[np.ndarray]) -> dict:
     t = time.perf_counter()
     asr = WhisperModel(cfg.cascade_whisper, device="cpu", compute_type="int8", cpu_threads=cfg.threads or 0)
     model = LLaSM.load(cfg.bundle, n_threads=cfg.threads)
-    res = PathResult(load_s=time.perf_counter() - t)
+    load_s = time.perf_counter() - t
     chat = model.chat()
-    for L in cfg.lengths:
-        x = clip_of_length(clips, L)
-        runs = []
-        for i in range(cfg.repeats + 1):
-            chat.reset()
-            a = time.perf_counter()
-            segments, _ = asr.transcribe(x, beam_size=1, language="en", temperature=0.0, vad_filter=False,
-                                         condition_on_previous_text=False, without_timestamps=True)
-            text = " ".join(s.text.strip() for s in segments)
-            t_asr = 1e3 * (time.perf_counter() - a)
-            r = chat.send(text=text or ".", max_tokens=1)
-            if i:
-                runs.append((t_asr, r.timings, len(model.llm.tokenize(text))))
-        res.first_token_ms[L] = _median(t + r["first_token"] for t, r, _ in runs)
-        res.encode_ms[L] = _median(t for t, _, _ in runs)
-        res.prefill_ms[L] = _median(r["prefill"] for _, r, _ in runs)
-        res.rows[L] = runs[-1][2]
+
+    def ask(x):
+        a = time.perf_counter()
+        segments, _ = asr.transcribe(x, beam_size=1, language="en", temperature=0.0, vad_filter=False,
+                                     condition_on_previous_text=False, without_timestamps=True)
+        text = " ".join(s.text.strip() for s in segments)
+        t_asr = 1e3 * (time.perf_counter() - a)
+        r = chat.send(text=text or ".", max_tokens=1).timings
+        return t_asr + r["first_token"], t_asr, r["prefill"], len(model.llm.tokenize(text))
+
+    res = _sweep(cfg, clips, chat, ask)
+    res.load_s = load_s
     res.peak_rss_mb = _peak_rss_mb()
     model.close()
     return {"result": res}
 
 
 def _in_child(fn, *args):
-    """Run fn in a fresh process (its own peak RSS); exceptions come back as ValueError."""
+    """Run fn in a fresh process (its own peak RSS); its exception is raised here."""
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
         return pool.apply(fn, args)
