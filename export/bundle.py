@@ -15,7 +15,8 @@ import torch
 from ..runtime import bundle as B
 from ..runtime.llm import LLM
 from ..runtime.prompt import Turn
-from .onnx import ExportError, convert_fp16, export_audio_encoder, probe_audio, quantize_int8, verify_audio_encoder
+from .onnx import (ExportError, convert_fp16, export_audio_encoder, probe_audio, quantize_int8,
+                   verify_audio_encoder)
 from .quantize import quantize_gguf
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class ExportReport:
 def _check_llm_parity(model, tokenizer, gguf: Path, onnx_rows: np.ndarray, gguf_type: str,
                       lora: Path | None = None) -> dict:
     """llama.cpp vs torch next-token logits on one fixed audio + text prompt, and tokenization parity."""
-    samples = _probe_audio()
+    samples = probe_audio(1.5)
     segments = model.cfg.prompt.render([Turn("user", (samples, "What was said?"))])
     llm = LLM(gguf, n_ctx=1024, n_batch=256, lora_path=lora)
     try:
@@ -67,11 +68,6 @@ def _check_llm_parity(model, tokenizer, gguf: Path, onnx_rows: np.ndarray, gguf_
         raise ExportError(f"{gguf_type} GGUF disagrees with torch: top-1 {int(np.argmax(got))} vs "
                           f"{int(np.argmax(want))}, max logit difference {max_diff:.3g} ({rel:.2%} of scale)")
     return {"llm_max_logit_diff": max_diff, "llm_kl": kl}
-
-
-def _probe_audio(seconds: float = 1.5) -> np.ndarray:
-    """A fixed voiced test signal (no data files needed at export time)."""
-    return probe_audio(seconds)
 
 
 def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str = "auto",
@@ -121,7 +117,7 @@ def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str 
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         from ..runtime.features import log_mel
 
-        rows = session.run(None, {"mel": log_mel(_probe_audio(), geometry.n_mels)[None]})[0]
+        rows = session.run(None, {"mel": log_mel(probe_audio(1.5), geometry.n_mels)[None]})[0]
         gguf_path, lora_path = tmp / "llm.gguf", None
         if gguf_type == "base":
             log.info("shipping the base GGUF untouched (%s)", base_llm.name)

@@ -30,7 +30,7 @@ class AudioGeometry:
     """Geometry of one audio encoder + adaptor; stored in checkpoints and bundle manifests."""
 
     n_mels: int = 80
-    stack_factor: int = 4
+    stack_factor: int = 8
     sample_rate: int = SAMPLE_RATE
     n_fft: int = N_FFT
     hop_length: int = HOP_LENGTH

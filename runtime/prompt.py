@@ -6,7 +6,7 @@ tokenized by the LLM's tokenizer, audio segments become embedding rows from the 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 ROLES = ("system", "user", "assistant")

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny base models saved to disk, synthetic speech and manifests (nothing downloaded)."""
 import json
 
-import numpy as np
 import pytest
 
 import tiny

@@ -14,7 +14,6 @@ from llasm.runtime.llm import LLM  # noqa: E402
 from llasm.runtime.prompt import Turn  # noqa: E402
 from llasm.training.adaptor import AdaptorConfig  # noqa: E402
 from llasm.training.base import prompt_format  # noqa: E402
-from llasm.training.data import Example  # noqa: E402
 from llasm.training.model import Batch, LLaSMConfig, LLaSMModel  # noqa: E402
 from llasm.training.whisper import WhisperEncoder, encoder_config_from_hf, encoder_state_from_hf  # noqa: E402
 

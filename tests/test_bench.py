@@ -21,13 +21,15 @@ def clip(tmp_path_factory):
 
 def _cascade_whisper():
     """The packaged tiny.en CT2 model when faster-whisper and the package are installed, else no cascade."""
-    try:
-        import faster_whisper  # noqa: F401
+    import importlib.util
 
+    if importlib.util.find_spec("faster_whisper") is None:
+        return None
+    try:
         from llasm.training.packaged import whisper_tiny_en_dir
 
         return str(whisper_tiny_en_dir())
-    except (ImportError, FileNotFoundError):
+    except FileNotFoundError:
         return None
 
 

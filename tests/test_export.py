@@ -13,7 +13,6 @@ pytest.importorskip("onnxruntime")
 import tiny  # noqa: E402
 from llasm.export.bundle import export_bundle  # noqa: E402
 from llasm.runtime.chat import LLaSM  # noqa: E402
-from llasm.training.checkpoint import CheckpointError  # noqa: E402
 
 
 @pytest.mark.parametrize("onnx_precision,gguf_type", [("int8", "q8_0"), ("fp16", "f16"), ("fp32", "q4_k_m")])

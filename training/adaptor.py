@@ -24,7 +24,7 @@ class AdaptorConfig:
     d_encoder: int
     d_llm: int
     kind: str = "stack-mlp"
-    stack_factor: int = 4  # stack-mlp
+    stack_factor: int = 8  # stack-mlp: 6.25 rows per second of speech (BENCHMARKS.md)
     hidden: int = 0  # stack-mlp; 0: d_llm
     n_queries: int = 64  # llasm-query: decoder positions read out per encoder pass
     train_decoder: bool = False  # llasm-query: fine-tune the Whisper decoder too (then it is saved)

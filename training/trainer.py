@@ -24,6 +24,7 @@ import torch
 from .adaptor import ADAPTOR_KINDS, AdaptorConfig, set_adaptor_trainable
 from .base import load_llm, load_whisper, load_whisper_decoder, prompt_format
 from .checkpoint import TRAINER_STATE, load_checkpoint, read_config, save_checkpoint
+from .ctc import CTCHead, ctc_rows_and_targets
 from .data import Collator, read_manifest
 from .model import EncoderCache, LLaSMConfig, LLaSMModel
 
@@ -44,7 +45,7 @@ class TrainConfig:
     llm: str = ""  # base LLM: transformers dir, .gguf file, or package:NAME
     init: str = ""  # checkpoint to start from (stage 2 starts from stage 1's)
     adaptor: str = "stack-mlp"  # or llasm-query (LLaSM's original: Whisper's decoder over fixed queries)
-    stack_factor: int = 4  # stack-mlp
+    stack_factor: int = 8  # stack-mlp: 6.25 rows per second of speech (BENCHMARKS.md)
     adaptor_hidden: int = 0  # stack-mlp
     n_queries: int = 64  # llasm-query
     train_decoder: bool = False  # llasm-query
@@ -117,20 +118,27 @@ def build_model(cfg: TrainConfig) -> tuple[LLaSMModel, object, dict]:
 
 
 def set_trainable(model: LLaSMModel, cfg: TrainConfig) -> str:
-    """Freeze what the stage keeps fixed; -> the LLM mode written to the checkpoint."""
+    """Wrap the LLM in LoRA when the stage trains it so, then freeze; -> the LLM mode written to the checkpoint."""
+    mode = "frozen" if cfg.stage == 1 else cfg.llm_mode
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
+                          lora_dropout=0.0, bias="none")
+        model.llm = get_peft_model(model.llm, lora)
+    freeze_for(model, mode)
+    return mode
+
+
+def freeze_for(model: LLaSMModel, llm_mode: str) -> None:
+    """Only the adaptor (and, by llm_mode, the whole LLM or its LoRA weights) learns; the encoder never does."""
     model.requires_grad_(False)
     set_adaptor_trainable(model.adaptor)
-    if cfg.stage == 1 or cfg.llm_mode == "frozen":
-        return "frozen"
-    if cfg.llm_mode == "full":
+    if llm_mode == "full":
         model.llm.requires_grad_(True)
-        return "full"
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
-                      lora_dropout=0.0, bias="none")
-    model.llm = get_peft_model(model.llm, lora)
-    return "lora"
+    elif llm_mode == "lora":
+        for name, p in model.llm.named_parameters():
+            p.requires_grad_("lora_" in name)
 
 
 def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -173,13 +181,7 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
     if resume:
         model, tokenizer, ckpt = load_checkpoint(cfg.out, trainable=True)
         base, llm_mode, history = ckpt["base"], ckpt["llm_mode"], ckpt["train"]["loss"]
-        model.requires_grad_(False)
-        set_adaptor_trainable(model.adaptor)
-        if llm_mode == "full":
-            model.llm.requires_grad_(True)
-        elif llm_mode == "lora":
-            for name, p in model.llm.named_parameters():
-                p.requires_grad_("lora_" in name)
+        freeze_for(model, llm_mode)
         log.info("resuming %s from step %d", cfg.out, resume["step"])
     else:
         model, tokenizer, base = build_model(cfg)
@@ -201,12 +203,10 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
     collate = Collator(tokenizer, model.cfg.prompt, model.cfg.geometry)
     head = None
     if cfg.objective == "ctc":
-        from .ctc import CTCHead
-
         with torch.no_grad():
-            head = CTCHead(model.embed_tokens(torch.arange(model.llm.config.vocab_size)))
-        if resume and "ctc_head" in resume:
-            head.load_state_dict(resume["ctc_head"], strict=False)
+            head = CTCHead(model.embed_tokens(torch.arange(model.llm.config.vocab_size))).to(acc.device)
+        if resume:
+            head.load_state_dict(resume["ctc_head"])
         n_end = len(collate.tokens(model.cfg.prompt.end_of_turn))
     params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -234,9 +234,7 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
             if head is None:
                 loss = model(batch.to(acc.device))
             else:
-                from .ctc import ctc_rows_and_targets
-
-                loss = head.to(acc.device).loss(*ctc_rows_and_targets(inner, batch.to(acc.device), n_end))
+                loss = head.loss(*ctc_rows_and_targets(inner, batch.to(acc.device), n_end))
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(params, 1.0)
@@ -268,7 +266,7 @@ def _save(model, cfg, base, llm_mode, history, step, opt, sched, extra=None, hea
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "torch_rng": torch.get_rng_state()}
     if head is not None:
-        state["ctc_head"] = {k: v for k, v in head.state_dict().items()}
+        state["ctc_head"] = head.state_dict()
     return save_checkpoint(model, cfg.out, base, info, llm_mode, trainer_state=state)
 
 
