@@ -1,4 +1,6 @@
 """Training on tiny models, CPU: the loss moves and each stage changes exactly what it should."""
+import random
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -184,3 +186,54 @@ def test_gradient_checkpointing_gives_the_same_step(stage1, speech_data, tmp_pat
     plain = load_checkpoint(train(TrainConfig(out=str(tmp_path / "a"), **common)))[2]["train"]["loss"]
     ckpt = load_checkpoint(train(TrainConfig(out=str(tmp_path / "b"), gradient_checkpointing=True, **common)))
     assert ckpt[2]["train"]["loss"] == pytest.approx(plain, abs=1e-5)
+
+
+def test_shared_system_header_is_computed_once_with_the_same_loss_and_gradients(tiny_bases, speech_data):
+    cfg = TrainConfig(stage=1, data=[str(speech_data / "asr.jsonl"), str(speech_data / "conv.jsonl")], out="unused",
+                      **tiny_bases)
+    model, tok, _ = build_model(cfg)
+    model.requires_grad_(False)
+    model.adaptor.requires_grad_(True)
+    examples = read_manifest(speech_data / "asr.jsonl", model.cfg.transcribe_instruction)
+    examples += read_manifest(speech_data / "conv.jsonl", model.cfg.transcribe_instruction)
+    collate = Collator(tok, model.cfg.prompt, model.cfg.geometry)
+    batch = collate([examples[0], examples[2], examples[5], examples[-1]])  # ASR, conv and text-only rows
+    header = tok.encode(model.cfg.prompt.system.format(content=model.cfg.prompt.default_system))
+    n = model.shared_prefix(batch)
+    assert len(header) <= n <= min(len(p[0][1]) for p in batch.items)
+
+    def loss_and_grads(prefix: bool):
+        model.zero_grad()
+        if not prefix:
+            model.shared_prefix = lambda b: 0
+        loss = model(batch)
+        loss.backward()
+        vars(model).pop("shared_prefix", None)
+        return loss.detach(), [p.grad.clone() for p in model.adaptor.parameters()]
+
+    loss_p, grads_p = loss_and_grads(True)
+    loss_f, grads_f = loss_and_grads(False)
+    torch.testing.assert_close(loss_p, loss_f, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_p, grads_f):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    model.llm.lm_head.weight.requires_grad_(True)  # a trainable LLM (LoRA, full) needs the header's gradient
+    assert model.shared_prefix(batch) == 0
+
+
+def test_grouped_batches_cover_each_epoch_once_with_less_padding():
+    from llasm.training.trainer import batch_indices
+
+    rng = random.Random(1)
+    lengths = [rng.uniform(1, 100) for _ in range(1000)]
+    per_epoch = 1000 // 8
+    grouped = [batch_indices(1000, 8, 3, s, lengths) for s in range(2 * per_epoch)]
+    first = sorted(i for b in grouped[:per_epoch] for i in b)
+    assert len(first) == len(set(first)) == per_epoch * 8  # no example twice in an epoch
+    assert grouped[:per_epoch] != grouped[per_epoch:]  # the next epoch is another shuffle
+    assert grouped == [batch_indices(1000, 8, 3, s, lengths) for s in range(2 * per_epoch)]  # a pure function
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches) / sum(lengths[i] for b in batches for i in b)
+
+    plain = [batch_indices(1000, 8, 3, s) for s in range(per_epoch)]
+    assert padded(grouped[:per_epoch]) < 1.1 < 1.4 < padded(plain)

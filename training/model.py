@@ -149,10 +149,41 @@ class LLaSMModel(nn.Module):
             lab[i, : s.shape[0]] = l
         return embeds, mask, lab
 
+    def shared_prefix(self, batch: Batch) -> int:
+        """Leading text tokens that every sample shares and no loss reads (the system header): with a frozen LLM
+        their keys and values are the same for every sample and carry no gradient, so forward computes them once."""
+        if any(p.requires_grad for p in self.llm.parameters()) or not batch.items:
+            return 0
+        firsts = [item[0] for item in batch.items]
+        if any(p[0] != "text" for p in firsts):
+            return 0
+        n = min(p[1].numel() for p in firsts)
+        ids = firsts[0][1][:n]
+        for p in firsts[1:]:
+            differ = (p[1][:n] != ids).nonzero()
+            n = int(differ[0]) if differ.numel() else n
+        for p in firsts:  # the prefix and the position after it must carry no label
+            labelled = (p[2] != IGNORE).nonzero()
+            n = min(n, int(labelled[0]) - 1) if labelled.numel() else n
+        return max(n, 0) if n > 1 else 0
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy over labelled positions; logits only where the loss needs them."""
+        n_prefix = self.shared_prefix(batch)
         embeds, mask, labels = self.assemble(batch)
-        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, L, D)
+        decoder = self.llm.get_decoder()
+        if n_prefix:
+            from transformers import DynamicCache
+
+            with torch.no_grad():
+                cache = DynamicCache(config=self.llm.config)
+                decoder(inputs_embeds=embeds[:1, :n_prefix], use_cache=True, past_key_values=cache)
+                cache.batch_repeat_interleave(embeds.shape[0])
+            hidden = decoder(inputs_embeds=embeds[:, n_prefix:], attention_mask=mask, past_key_values=cache,
+                             use_cache=True).last_hidden_state
+            labels = labels[:, n_prefix:]
+        else:
+            hidden = decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, L, D)
         target = labels[:, 1:]
         where = target != IGNORE
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][where])  # (N, V)
