@@ -26,6 +26,12 @@ def test_precisions_export_and_run(checkpoint, tmp_path, onnx_precision, gguf_ty
     assert manifest["files"]["llm"]["type"] == gguf_type
     assert manifest["files"]["audio_encoder"]["precision"] == onnx_precision
     assert sorted(p.name for p in out.iterdir()) == ["audio_encoder.onnx", "llm.gguf", "manifest.json"]
+    if onnx_precision == "int8":  # the encoder's matrices are quantized, the adaptor's stay fp32
+        import onnx
+
+        ops = {n.name: n.op_type for n in onnx.load(str(out / "audio_encoder.onnx")).graph.node}
+        assert any(op == "MatMulInteger" and name.startswith("/encoder/") for name, op in ops.items())
+        assert ops["/adaptor/out/MatMul"] == "MatMul"
     model = LLaSM.load(out)
     assert model.chat().send(audio=tiny.speech(0.9), max_tokens=3).tokens == 3
     model.close()
