@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from .audio import AudioError
 from .llm import LLMError
-from .scoring import LANGS, EditCounts, answer_correct, detect_lang, score
+from .scoring import LANGS, EditCounts, answer_correct, detect_lang, normalization, score
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ class Evaluation:
     bundle: str = ""
 
     def summary(self) -> dict:
-        out: dict = {"bundle": self.bundle}
+        out: dict = {"bundle": self.bundle, "normalization": normalization()}
         if self.asr is not None:
             out["asr"] = self.asr.summary()
         if self.qa is not None:
@@ -331,7 +331,10 @@ class Evaluation:
         return out
 
     def lines(self) -> list[str]:
-        return (self.asr.lines() if self.asr else []) + (self.qa.lines() if self.qa else [])
+        """The results as text, headed by how the languages present were normalized for scoring."""
+        langs = {i.row.lang for i in self.items()}
+        head = [f"normalization {lang}: {how}" for lang, how in normalization().items() if lang in langs]
+        return head + (self.asr.lines() if self.asr else []) + (self.qa.lines() if self.qa else [])
 
     def items(self) -> Iterator[AsrItem | QaItem]:
         yield from self.asr.items if self.asr else ()

@@ -4,8 +4,22 @@
               symbols become spaces, except "." and "," inside numbers ("3.5", "1,000" -> "1000"); "%" -> "percent";
               number words become digits ("twenty-five" / "twenty five" -> "25", "one hundred and five" -> "105",
               "two point five" -> "2.5", "3 thousand" -> "3000"); whitespace collapsed. Scored in words (WER).
-    Chinese   normalize_zh: NFKC (full-width -> half-width), case-folded; punctuation, symbols and spaces removed.
-              Scored in characters (CER).
+    Chinese   normalize_zh: NFKC (full-width -> half-width), traditional -> simplified characters, case-folded;
+              Chinese numerals become digits ("十二" -> "12", "一百零五" -> "105", "两千五" -> "2500",
+              "二〇二四" -> "2024"); punctuation, symbols and spaces removed. Scored in characters (CER), so a
+              number counts its digits ("一百零五" is 3 characters).
+
+Traditional -> simplified uses zhconv ("zh-hans": character conversion, no regional vocabulary swaps), which comes
+with `pip install 'llasm[bench]'`. Without it Chinese is scored unconverted (traditional characters count as errors
+against a simplified reference) and a warning is logged once; `normalization()` says which was used, and
+llasm-eval prints it with its results.
+
+Chinese numerals (traditional 兩萬億 included, with or without zhconv): a run of two or more digits is read digit by
+digit (years, phone numbers); otherwise a number is digit-unit pairs in decreasing units (十百千 within 万 and 亿
+groups), with 零 marking a gap ("一千零五" -> "1005"), 十 with no digit before it meaning 一十 ("十二" -> "12") and
+a digit after a unit scaling to the next unit down ("一百五" -> "150", "三万五" -> "35000"). 百, 千, 万 and 亿 with
+no digit before them stay characters ("百姓", "千万", "万一"). The conversion is the same on both sides, so words
+with numerals in them ("一起" -> "1起") still compare equal; "点" is not read as a decimal point.
 
 Error rates: rate = (substitutions + deletions + insertions) / reference length. A corpus rate adds the counts of
 all items first (total edits / total reference units), never averages per-item rates. An empty reference has no
@@ -14,10 +28,15 @@ in the corpus total.
 """
 from __future__ import annotations
 
+import logging
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
+
+log = logging.getLogger(__name__)
 
 LANGS = ("en", "zh")
 
@@ -121,11 +140,106 @@ def normalize_en(text: str) -> str:
     return " ".join(_numbers_to_digits(_strip_punctuation(text).split()))
 
 
+_ZH_DIGITS = {c: d for d, cs in enumerate(("零〇", "一", "二两兩", "三", "四", "五", "六", "七", "八", "九")) for c in cs}
+_ZH_SMALL_UNITS = {"十": 10, "百": 100, "千": 1000}
+_ZH_BIG_UNITS = {"万": 10**4, "萬": 10**4, "亿": 10**8, "億": 10**8}
+
+
+def _parse_zh_number(s: str, i: int) -> tuple[str | None, int]:
+    """The longest Chinese number starting at s[i]: (its digits, index after it), or (None, i)."""
+    j = i
+    while j < len(s) and s[j] in _ZH_DIGITS:
+        j += 1
+    if j - i >= 2 or (j - i == 1 and (j == len(s) or (s[j] not in _ZH_SMALL_UNITS and s[j] not in _ZH_BIG_UNITS))):
+        return "".join(str(_ZH_DIGITS[c]) for c in s[i:j]), j  # digit by digit: 二〇二四, 一
+    if j == i and s[i] != "十":
+        return None, i
+    total, section = 0, 0  # completed 万/亿 groups; the current group below the last big unit (< 10^4)
+    digit = None  # a digit waiting for its unit
+    unit = None  # the last unit read (scales a trailing digit: 一百五 -> 150); None at the start or after 零
+    small, big = math.inf, math.inf  # units must decrease: small ones within a group, big ones overall
+    best, end = None, i
+    k = i
+    while k < len(s):
+        c = s[k]
+        if c in _ZH_DIGITS:
+            if digit is not None or (_ZH_DIGITS[c] == 0 and unit is None and k > i):
+                break
+            if _ZH_DIGITS[c] == 0:
+                unit = None  # 零 marks a gap: the next digit is not scaled (一百零五 -> 105)
+                k += 1
+                continue
+            digit = _ZH_DIGITS[c]
+        elif c in _ZH_SMALL_UNITS:
+            u = _ZH_SMALL_UNITS[c]
+            if (digit is None and c != "十") or u >= small:
+                break
+            section, digit, unit, small = section + (1 if digit is None else digit) * u, None, u, u
+        elif c in _ZH_BIG_UNITS:
+            u = _ZH_BIG_UNITS[c]
+            if (digit is None and section == 0) or u >= big:
+                break
+            total += (section + (digit or 0)) * u
+            section, digit, unit, small, big = 0, None, u, math.inf, u
+        else:
+            break
+        k += 1
+        if digit is None:
+            best, end = total + section, k
+        else:
+            best, end = total + section + digit * (unit // 10 if unit else 1), k
+    return (None, i) if best is None else (str(best), end)
+
+
+def _zh_numerals_to_digits(text: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        value, j = _parse_zh_number(text, i)
+        if value is None:
+            out.append(text[i])
+            i += 1
+        else:
+            out.append(value)
+            i = j
+    return "".join(out)
+
+
+@lru_cache(maxsize=None)
+def _to_simplified():
+    """zhconv's converter to simplified characters, or None (with one warning) when zhconv is not installed."""
+    try:
+        import zhconv
+    except ImportError:
+        log.warning("zhconv is not installed: Chinese is scored without traditional -> simplified conversion "
+                    "(pip install 'llasm[bench]')")
+        return None
+    return lambda text: zhconv.convert(text, "zh-hans")
+
+
+def normalization() -> dict:
+    """How text is normalized before scoring in this environment (llasm-eval reports it with its results)."""
+    if _to_simplified() is None:
+        simplified = "off (zhconv not installed: pip install 'llasm[bench]')"
+    else:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            simplified = f"zhconv {version('zhconv')} zh-hans"
+        except PackageNotFoundError:
+            simplified = "zhconv zh-hans"
+    return {"en": "NFKC, case-folded, punctuation removed, number words -> digits",
+            "zh": f"NFKC, traditional -> simplified: {simplified}, numerals -> digits, punctuation removed"}
+
+
 def normalize_zh(text: str, halfwidth: bool = True) -> str:
-    """Chinese text for CER: (NFKC: full-width -> half-width), case-folded, no punctuation, symbols or spaces."""
+    """Chinese text for CER and answer matching (see the module docstring); halfwidth=False skips NFKC."""
     if halfwidth:
         text = unicodedata.normalize("NFKC", text)
-    return "".join(c for c in text.casefold() if unicodedata.category(c)[0] not in "PSZC")
+    simplify = _to_simplified()
+    if simplify is not None:
+        text = simplify(text)
+    text = "".join(c for c in text.casefold() if unicodedata.category(c)[0] not in "PSZC")
+    return _zh_numerals_to_digits(text)
 
 
 def normalize(text: str, lang: str) -> str:
@@ -231,11 +345,18 @@ def answer_correct(reply: str, answers: Sequence[str], lang: str) -> bool:
     """True when an accepted answer, normalized, occurs in the normalized reply.
 
     English matches whole words ("5" is not in "25", "paris" is not in "parish"); Chinese matches a substring of
-    the CER-normalized reply. An answer that normalizes to nothing never matches.
+    the CER-normalized reply, whole numbers only ("五" is in "五个" but not in "十五": "5" vs "15"). An answer that
+    normalizes to nothing never matches.
     """
     said = normalize(reply, lang)
     for answer in answers:
         want = normalize(answer, lang)
-        if want and (f" {want} " in f" {said} " if lang == "en" else want in said):
+        if not want:
+            continue
+        if lang == "en":
+            if f" {want} " in f" {said} ":
+                return True
+        elif re.search(("(?<![0-9])" if want[0].isdigit() else "") + re.escape(want)
+                       + ("(?![0-9])" if want[-1].isdigit() else ""), said):
             return True
     return False

@@ -7,10 +7,10 @@ import pytest
 
 import tiny
 from llasm.runtime.audio import AudioError
-from llasm.runtime.evaluate import (MODES, ManifestError, QaRow, evaluate_asr, evaluate_qa, read_asr_manifest,
-                                    read_qa_manifest)
+from llasm.runtime.evaluate import (MODES, Evaluation, ManifestError, QaRow, evaluate_asr, evaluate_qa,
+                                    read_asr_manifest, read_qa_manifest)
 from llasm.runtime.scoring import (EditCounts, answer_correct, cer, corpus_rate, detect_lang, edit_counts,
-                                   normalize_en, normalize_zh, score, wer)
+                                   normalization, normalize_en, normalize_zh, score, wer)
 
 # ---- normalization -------------------------------------------------------------------------------------------------
 
@@ -39,6 +39,35 @@ def test_normalize_zh():
     assert normalize_zh("ＡＢＣ１２３") == "abc123"  # full-width -> half-width
     assert normalize_zh("ＡＢＣ", halfwidth=False) == "ａｂｃ"
     assert detect_lang("今天天气很好") == "zh" and detect_lang("hello 123") == "en"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("十", "10"), ("十二", "12"), ("二十三", "23"), ("四十", "40"), ("一百零五", "105"), ("一百一十一", "111"),
+    ("两千", "2000"), ("兩千", "2000"), ("一千零五十", "1050"), ("十万", "100000"), ("一万零五百", "10500"),
+    ("一百二十万", "1200000"), ("一亿两千万", "120000000"),
+    ("两千五", "2500"), ("一百五", "150"), ("三万五", "35000"),  # a digit after a unit scales to the next unit down
+    ("二〇二四年", "2024年"), ("一二三", "123"),  # runs of digits are read digit by digit
+    ("十二加七等于几", "12加7等于几"), ("第一百", "第100"), ("两个", "2个"), ("三十多", "30多"), ("零", "0"),
+    ("百姓", "百姓"), ("千万不要", "千万不要"), ("万一", "万1"),  # no digit before 百/千/万: not a number
+    ("三四百人", "34百人"), ("两百三四", "2304"),  # ranges are not numbers: a number has one digit per unit
+    ("二十三百", "23百"), ("一万三亿", "13000亿"),  # units decrease, small ones within a group, big ones overall
+    ("一亿万", "100000000万"),  # and each has a number before it
+])
+def test_normalize_zh_numerals(text, expected):
+    assert normalize_zh(text) == expected
+
+
+def test_normalize_zh_traditional_to_simplified():
+    pytest.importorskip("zhconv")
+    assert normalize_zh("中國的首都是哪裡？") == "中国的首都是哪里"
+    assert normalize_zh("頭髮、發展") == "头发发展"
+    assert "zhconv" in normalization()["zh"]
+
+
+def test_normalize_leaves_english_alone():
+    text = "The quick brown fox, 12 years old!"
+    assert normalize_en(text) == "the quick brown fox 12 years old"
+    assert normalize_zh(text) == "thequickbrownfox12yearsold"  # only the punctuation and spaces go, as before
 
 
 # ---- error rates ---------------------------------------------------------------------------------------------------
@@ -72,6 +101,14 @@ def test_cer_chinese_with_punctuation():
     assert c.rate == pytest.approx(2 / 6)
 
 
+def test_cer_traditional_and_digits_match_simplified_hanzi():
+    pytest.importorskip("zhconv")
+    assert cer("中国的首都是哪里", "中國的首都是哪裡") == 0.0  # Whisper often writes Mandarin in traditional
+    assert cer("十二加七等于几", "12加7等於幾") == 0.0  # ... and numbers in digits
+    assert cer("一百零五个人", "105個人") == 0.0
+    assert score("十二加七等于几", "13加7等于几", "zh") == EditCounts(substitutions=1, ref_len=7)  # "12" vs "13"
+
+
 def test_corpus_wer_is_total_edits_over_total_words():
     pairs = [("a", "b"), ("a b c d e f g h i j", "a b c d e f g h i j")]  # per-item rates 1.0 and 0.0
     total = corpus_rate(pairs, "en")
@@ -89,6 +126,16 @@ def test_answer_matching():
     assert not answer_correct("anything", ["..."], "en")  # an answer that normalizes to nothing never matches
     assert answer_correct("答案是：北京！", ["北京"], "zh")
     assert not answer_correct("上海", ["北京"], "zh")
+    assert answer_correct("十二加七等于十九。", ["19"], "zh") and answer_correct("答案是19", ["十九"], "zh")
+    assert answer_correct("有五个", ["五"], "zh")
+    assert not answer_correct("答案是十九", ["九"], "zh")  # whole numbers: 9 is not in 19
+    assert not answer_correct("答案是19", ["1"], "zh")
+
+
+def test_answer_matching_traditional():
+    pytest.importorskip("zhconv")
+    assert answer_correct("中國的首都是北京。", ["中国"], "zh")
+    assert answer_correct("答案是两千", ["兩千"], "zh")
 
 
 # ---- manifests -----------------------------------------------------------------------------------------------------
@@ -183,6 +230,10 @@ def test_evaluate_asr_counts_errors_and_pools_edits(tmp_path):
     bad = result.items[2].to_dict()
     assert bad["error"].startswith("audio file not found") and bad["correct"] is None and bad["score"] is None
     assert result.items[0].to_dict()["correct"] is True
+    head = Evaluation(asr=result).lines()[:2]
+    assert [l.split(":")[0] for l in head] == ["normalization en", "normalization zh"]  # the languages scored
+    head = Evaluation(asr=evaluate_asr(FakeModel(), rows[:1])).lines()[:2]
+    assert head[0].startswith("normalization en: ") and head[1].startswith("ASR  1 rows")
 
 
 def test_evaluate_qa_modes_accuracy_and_fresh_chats(tmp_path):
@@ -242,7 +293,8 @@ def test_cli_end_to_end(bundle, tmp_path):
               "--max-tokens", "4", "--threads", "2", "-q")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert set(summary) == {"bundle", "asr", "qa"}
+    assert set(summary) == {"bundle", "normalization", "asr", "qa"}
+    assert set(summary["normalization"]) == {"en", "zh"} and "numerals -> digits" in summary["normalization"]["zh"]
     a = summary["asr"]
     assert (a["n"], a["errors"], set(a["by_lang"])) == (2, 0, {"en", "zh"})
     assert a["wer"] >= 0 and a["cer"] >= 0
@@ -269,6 +321,7 @@ def test_cli_end_to_end(bundle, tmp_path):
     again = _eval("--bundle", str(bundle), "--asr", str(asr), "--limit", "1", "--max-tokens", "4", "-q",
                   "--out", str(out2))
     assert again.returncode == 0, again.stderr
-    assert again.stdout.startswith("ASR  1 rows, 0 errors") and "WER" in again.stdout  # the summary table
+    head = again.stdout.splitlines()[:2]  # the summary table, headed by the normalization of the one row's language
+    assert head[0].startswith("normalization en: ") and head[1] == "ASR  1 rows, 0 errors" and "WER" in again.stdout
     first = json.loads(out2.read_text())
     assert first["reply"] == rows[0]["reply"] and first["score"] == rows[0]["score"]  # greedy: deterministic
