@@ -123,12 +123,14 @@ def test_data_answers_come_from_a_gguf(tmp_path):
     assert isinstance(a, str) and a == b  # greedy: the same question gets the same answer
 
 
-def test_no_default_model_is_one_clear_line(tmp_path):
+def test_no_default_model_is_one_clear_line(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
-    from llasm.export.default import RELEASE
+    import llasm.export.default as default
+    from llasm.cli import local
 
-    if (RELEASE / "config.json").is_file():
-        pytest.skip("a release checkpoint ships: the default bundle would be built")
-    r = subprocess.run([sys.executable, "-m", "llasm.cli.local", "--text", "hi"], capture_output=True, text=True,
-                       timeout=120, env={**__import__("os").environ, "LLASM_BUNDLE": str(tmp_path / "none")})
+    monkeypatch.setattr(default, "RELEASE", tmp_path / "no-release")  # an llasm that ships no release checkpoint
+    monkeypatch.setenv("LLASM_BUNDLE", str(tmp_path / "none"))
+    with pytest.raises(SystemExit) as e:
+        local.main(["--text", "hi"])
+    r = subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err)
     assert "no default model ships" in _one_line_error(r, "llasm-local")
