@@ -1,4 +1,5 @@
 """Training on tiny models, CPU: the loss moves and each stage changes exactly what it should."""
+import json
 import random
 
 import pytest
@@ -237,3 +238,33 @@ def test_grouped_batches_cover_each_epoch_once_with_less_padding():
 
     plain = [batch_indices(1000, 8, 3, s) for s in range(per_epoch)]
     assert padded(grouped[:per_epoch]) < 1.1 < 1.4 < padded(plain)
+
+
+def test_shared_prefix_is_the_longest_common_one_whatever_the_order(tiny_bases, tmp_path):
+    rows = [("What is the capital of France?", "Paris."), ("What is two plus two?", "Four."),
+            ("Where is Paris?", "In France.")]
+    manifest = tmp_path / "text.jsonl"
+    manifest.write_text("".join(json.dumps({"turns": [{"role": "user", "content": q},
+                                                      {"role": "assistant", "content": a}]}) + "\n"
+                                for q, a in rows))
+    cfg = TrainConfig(stage=1, data=str(manifest), out="unused", **tiny_bases)
+    model, tok, _ = build_model(cfg)
+    model.requires_grad_(False)
+    examples = read_manifest(manifest, model.cfg.transcribe_instruction)
+    collate = Collator(tok, model.cfg.prompt, model.cfg.geometry)
+    for order in ([0, 1, 2], [2, 1, 0], [1, 0, 2]):
+        batch = collate([examples[i] for i in order])
+        firsts = [p[0][1].tolist() for p in batch.items]
+        want = next(i for i in range(min(map(len, firsts)) + 1)
+                    if i == min(map(len, firsts)) or len({f[i] for f in firsts}) > 1)
+        assert model.shared_prefix(batch) == want
+        with torch.no_grad():
+            torch.testing.assert_close(model(batch), _without_prefix(model, batch), atol=1e-5, rtol=1e-5)
+
+
+def _without_prefix(model, batch):
+    model.shared_prefix = lambda b: 0
+    try:
+        return model(batch)
+    finally:
+        vars(model).pop("shared_prefix", None)

@@ -160,7 +160,7 @@ class LLaSMModel(nn.Module):
         n = min(p[1].numel() for p in firsts)
         ids = firsts[0][1][:n]
         for p in firsts[1:]:
-            differ = (p[1][:n] != ids).nonzero()
+            differ = (p[1][:n] != ids[:n]).nonzero()
             n = int(differ[0]) if differ.numel() else n
         for p in firsts:  # the prefix and the position after it must carry no label
             labelled = (p[2] != IGNORE).nonzero()
