@@ -117,3 +117,18 @@ def test_a_new_chat_is_not_refused_for_another_chats_long_history(bundle):
     assert long.send(text="and again", max_tokens=2).tokens == 2  # the first chat is restored for its turn
     _cache_matches_history(model, long)
     model.close()
+
+
+def test_a_transcript_is_capped_by_the_length_of_its_audio(bundle, monkeypatch):
+    from llasm.runtime import chat as chat_module
+
+    model = LLaSM.load(bundle)
+    caps = []
+    send = chat_module.Chat.send
+    monkeypatch.setattr(chat_module.Chat, "send", lambda self, **kw: caps.append(kw["max_tokens"]) or send(self, **kw))
+    text = model.transcribe(tiny.speech(1.0))  # the tiny random LLM never stops on its own
+    model.transcribe(tiny.speech(1.0), max_tokens=5)
+    model.transcribe(tiny.speech(3.0))
+    model.close()
+    assert caps == [chat_module.TRANSCRIPT_TOKENS_PER_S + 16, 5, 3 * chat_module.TRANSCRIPT_TOKENS_PER_S + 16]
+    assert isinstance(text, str)
