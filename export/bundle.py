@@ -151,7 +151,8 @@ def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str 
             "files": files,
             "provenance": {"base": ckpt["base"], "llm_arch": model.cfg.llm_arch, "llm_mode": llm_mode,
                            "checkpoint": str(Path(checkpoint).resolve()),
-                           "train_digest": ckpt.get("train", {}).get("digest")},
+                           "train_digest": ckpt.get("train", {}).get("digest"),
+                           "train_step": ckpt.get("train", {}).get("step")},
             "checks": report.checks,
         }
         (tmp / B.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")

@@ -19,13 +19,27 @@ RELEASE = Path(__file__).resolve().parent / "release" / "default"
 ONNX_PRECISION = "fp32"
 
 
+def built_from_release(path: Path) -> bool:
+    """Whether the bundle at path was built from the release checkpoint this llasm ships (torch-free)."""
+    import json
+
+    try:
+        provenance = read_bundle(path, verify=False).manifest.get("provenance", {})
+        train = json.loads((RELEASE / "config.json").read_text(encoding="utf-8"))["train"]
+    except (BundleError, OSError, ValueError, KeyError):
+        return False
+    return (provenance.get("train_digest"), provenance.get("train_step")) == (train["digest"], train["step"])
+
+
 def ensure_default_bundle(rebuild: bool = False) -> Path:
-    """The default bundle's directory, building it first if it is missing or broken."""
+    """The default bundle's directory, building it first if it is missing, broken or from another release."""
     out = default_bundle_path()
     if out.is_dir() and not rebuild:
         try:
             read_bundle(out, verify=False)
-            return out
+            if built_from_release(out):
+                return out
+            log.warning("rebuilding the default bundle: this llasm ships another release checkpoint")
         except BundleError as e:
             log.warning("rebuilding the default bundle: %s", e)
     if not (RELEASE / "config.json").is_file():

@@ -123,11 +123,10 @@ def test_lora_adapter_changes_the_answer_logits(gguf_base_checkpoints, tmp_path)
     plain.close()
 
 
-def test_default_bundle_is_built_once_on_first_use(checkpoint, tmp_path, monkeypatch):
-    import subprocess
-    import sys
-
+def test_default_bundle_is_built_once_on_first_use_and_again_for_a_new_release(checkpoint, tmp_path, monkeypatch,
+                                                                                capsys):
     import llasm.export.default as default
+    from llasm.cli import local
 
     monkeypatch.setattr(default, "RELEASE", checkpoint)
     monkeypatch.setenv("LLASM_BUNDLE", str(tmp_path / "cache" / "default"))
@@ -136,10 +135,19 @@ def test_default_bundle_is_built_once_on_first_use(checkpoint, tmp_path, monkeyp
     stamp = (path / "manifest.json").stat().st_mtime_ns
     assert default.ensure_default_bundle() == path and (path / "manifest.json").stat().st_mtime_ns == stamp
     # llasm-local with no --bundle uses it
-    r = subprocess.run([sys.executable, "-m", "llasm.cli.local", "--text", "hi", "--max-tokens", "2", "--json"],
-                       capture_output=True, text=True, timeout=300, env={**__import__("os").environ})
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1])["tokens"] == 2
+    local.main(["--text", "hi", "--max-tokens", "2", "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == 2
+    assert (path / "manifest.json").stat().st_mtime_ns == stamp
+    # a newer release checkpoint (another step of the run) replaces the cached bundle
+    newer = tmp_path / "newer"
+    shutil.copytree(checkpoint, newer)
+    cfg = json.loads((newer / "config.json").read_text())
+    cfg["train"]["step"] += 1
+    (newer / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(default, "RELEASE", newer)
+    assert not default.built_from_release(path)
+    assert default.ensure_default_bundle() == path and default.built_from_release(path)
+    assert (path / "manifest.json").stat().st_mtime_ns != stamp
 
 
 def test_bundle_directory_is_readable_by_others(bundle):
