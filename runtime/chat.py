@@ -50,6 +50,7 @@ class Reply:
 
 TRANSCRIPT_TOKENS_PER_S = 10  # read speech in the training data: 3.2 (en) and 2.5 (zh) Qwen tokens/s, at most 6.4
 
+
 class LLaSM:
     """A loaded bundle: the audio encoder (onnxruntime) and the LLM (llama.cpp)."""
 

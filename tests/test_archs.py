@@ -47,9 +47,14 @@ def test_arch_trains_and_matches_llama_cpp(arch, tmp_path):
     batch = Batch(mel=mel[None], n_frames=torch.tensor([mel.shape[1]]), items=[items])
     model.requires_grad_(False)
     model.adaptor.requires_grad_(True)
+    assert model.shared_prefix(batch) > 0  # the system header's keys and values are computed once, without grad
     loss = model(batch)
     loss.backward()
     assert torch.isfinite(loss) and model.adaptor.out.weight.grad.abs().sum() > 0
+    model.shared_prefix = lambda b: 0
+    with torch.no_grad():  # the same loss as one forward over the whole sequence (Gemma: sliding-window layers too)
+        torch.testing.assert_close(model(batch), loss.detach(), atol=1e-5, rtol=1e-5)
+    del model.shared_prefix
 
     # llama.cpp reads the same rows the same way (Gemma: rows live in the sqrt(d)-scaled embedding space).
     path = tmp_path / "llm.gguf"

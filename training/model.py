@@ -165,7 +165,7 @@ class LLaSMModel(nn.Module):
         for p in firsts:  # the prefix and the position after it must carry no label
             labelled = (p[2] != IGNORE).nonzero()
             n = min(n, int(labelled[0]) - 1) if labelled.numel() else n
-        return max(n, 0) if n > 1 else 0
+        return n if n > 1 else 0
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy over labelled positions; logits only where the loss needs them."""

@@ -11,8 +11,8 @@ function of seed and step).
 """
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import json
 import logging
 import random
@@ -69,7 +69,7 @@ class TrainConfig:
     workers: int = 0  # data-loading processes
     objective: str = "llm"  # llm: next-token loss through the LLM; ctc: warm start against token embeddings
     cache_encoder: bool = True  # keep frozen-encoder outputs (CPU) so later epochs skip the encoder
-    group_by_length: bool = False  # batches of similar length: less padding (about 1.5x faster on CPU here)
+    group_by_length: bool = False  # batches of similar length: less padding (62% -> 98% of positions used here)
 
     def __post_init__(self):
         if self.adaptor not in ADAPTOR_KINDS:
