@@ -71,7 +71,9 @@ def _check_llm_parity(model, tokenizer, gguf: Path, onnx_rows: np.ndarray, gguf_
 
 
 def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str = "auto",
-                  overwrite: bool = False) -> ExportReport:
+                  overwrite: bool = False, release: str | None = None) -> ExportReport:
+    """release: the name of the shipped release checkpoint this bundle is built from, recorded in its provenance
+    (the default bundle is rebuilt when the release it came from changes)."""
     from ..training.base import _local_path
     from ..training.checkpoint import load_checkpoint
     from .gguf import write_gguf
@@ -152,7 +154,7 @@ def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str 
             "provenance": {"base": ckpt["base"], "llm_arch": model.cfg.llm_arch, "llm_mode": llm_mode,
                            "checkpoint": str(Path(checkpoint).resolve()),
                            "train_digest": ckpt.get("train", {}).get("digest"),
-                           "train_step": ckpt.get("train", {}).get("step")},
+                           "train_step": ckpt.get("train", {}).get("step"), "release": release},
             "checks": report.checks,
         }
         (tmp / B.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")

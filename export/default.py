@@ -13,14 +13,16 @@ from ..runtime.chat import default_bundle_path
 
 log = logging.getLogger(__name__)
 
-RELEASE = Path(__file__).resolve().parent / "release" / "default"
+RELEASE_NAME = "default"  # the mark a bundle built from the shipped release carries in its provenance
+RELEASE = Path(__file__).resolve().parent / "release" / RELEASE_NAME
 # fp32: dynamic int8 of the encoder alone left the release adaptor's rows at cosine 0.92 to torch on speech (export
 # refuses < 0.99; BENCHMARKS.md), and fp16 is slow on most CPUs
 ONNX_PRECISION = "fp32"
 
 
-def built_from_release(path: Path) -> bool:
-    """Whether the bundle at path was built from the release checkpoint this llasm ships (torch-free)."""
+def stale_release(path: Path) -> bool:
+    """Whether the bundle at path was built from an earlier release checkpoint than the one this llasm ships
+    (torch-free). A bundle of the user's own ($LLASM_BUNDLE) has no release mark and is never stale."""
     import json
 
     try:
@@ -28,18 +30,19 @@ def built_from_release(path: Path) -> bool:
         train = json.loads((RELEASE / "config.json").read_text(encoding="utf-8"))["train"]
     except (BundleError, OSError, ValueError, KeyError):
         return False
-    return (provenance.get("train_digest"), provenance.get("train_step")) == (train["digest"], train["step"])
+    return provenance.get("release") == RELEASE_NAME and (
+        provenance.get("train_digest"), provenance.get("train_step")) != (train["digest"], train["step"])
 
 
 def ensure_default_bundle(rebuild: bool = False) -> Path:
-    """The default bundle's directory, building it first if it is missing, broken or from another release."""
+    """The default bundle's directory, building it first if it is missing, broken or from an earlier release."""
     out = default_bundle_path()
     if out.is_dir() and not rebuild:
         try:
             read_bundle(out, verify=False)
-            if built_from_release(out):
+            if not stale_release(out):
                 return out
-            log.warning("rebuilding the default bundle: this llasm ships another release checkpoint")
+            log.warning("rebuilding the default bundle: this llasm ships a newer release checkpoint")
         except BundleError as e:
             log.warning("rebuilding the default bundle: %s", e)
     if not (RELEASE / "config.json").is_file():
@@ -47,5 +50,6 @@ def ensure_default_bundle(rebuild: bool = False) -> Path:
     from .bundle import export_bundle
 
     log.info("building the default bundle once into %s (a few minutes)", out)
-    export_bundle(RELEASE, out, onnx_precision=ONNX_PRECISION, gguf_type="auto", overwrite=True)
+    export_bundle(RELEASE, out, onnx_precision=ONNX_PRECISION, gguf_type="auto", overwrite=True,
+                  release=RELEASE_NAME)
     return out

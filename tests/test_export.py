@@ -145,9 +145,24 @@ def test_default_bundle_is_built_once_on_first_use_and_again_for_a_new_release(c
     cfg["train"]["step"] += 1
     (newer / "config.json").write_text(json.dumps(cfg))
     monkeypatch.setattr(default, "RELEASE", newer)
-    assert not default.built_from_release(path)
-    assert default.ensure_default_bundle() == path and default.built_from_release(path)
+    assert default.stale_release(path)
+    assert default.ensure_default_bundle() == path and not default.stale_release(path)
     assert (path / "manifest.json").stat().st_mtime_ns != stamp
+
+
+def test_a_bundle_of_the_users_own_is_never_replaced_by_the_release(checkpoint, bundle, tmp_path, monkeypatch,
+                                                                   capsys):
+    import llasm.export.default as default
+    from llasm.cli import local
+
+    monkeypatch.setattr(default, "RELEASE", checkpoint)
+    monkeypatch.setenv("LLASM_BUNDLE", str(bundle))  # built by llasm-export, not from a release
+    stamp = (bundle / "manifest.json").stat().st_mtime_ns
+    assert not default.stale_release(bundle)
+    assert default.ensure_default_bundle() == bundle
+    local.main(["--text", "hi", "--max-tokens", "2", "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == 2
+    assert (bundle / "manifest.json").stat().st_mtime_ns == stamp
 
 
 def test_bundle_directory_is_readable_by_others(bundle):
