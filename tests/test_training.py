@@ -268,3 +268,35 @@ def _without_prefix(model, batch):
         return model(batch)
     finally:
         vars(model).pop("shared_prefix", None)
+
+
+def test_held_out_loss_is_logged_at_each_save_and_changes_nothing(tiny_bases, speech_data, tmp_path):
+    common = dict(stage=1, data=str(speech_data / "asr.jsonl"), steps=4, save_every=2, batch_size=2, lr=1e-2,
+                  warmup=1, **tiny_bases)
+    plain = load_checkpoint(train(TrainConfig(out=str(tmp_path / "a"), **common)))
+    cfg = TrainConfig(out=str(tmp_path / "b"), eval_data=str(speech_data / "asr.jsonl"), keep_best=True, **common)
+    assert cfg.digest() == TrainConfig(out="x", **common).digest()  # held-out rows do not change the run
+    model, tokenizer, info = load_checkpoint(train(cfg))
+    assert info["train"]["loss"] == plain[2]["train"]["loss"]  # evaluating left the training steps untouched
+    evals = info["train"]["eval"]
+    assert [s for s, _ in evals] == [2, 4]
+    assert evals[0][1] != pytest.approx(evals[1][1], rel=1e-4)
+    held_out = read_manifest(speech_data / "asr.jsonl", model.cfg.transcribe_instruction)
+    collate = Collator(tokenizer, model.cfg.prompt, model.cfg.geometry)
+
+    def mean_loss(m):
+        m.eval()
+        with torch.no_grad():
+            return sum(float(m(collate(held_out[i:i + 2]))) * len(held_out[i:i + 2])
+                       for i in range(0, len(held_out), 2)) / len(held_out)
+
+    assert evals[-1][1] == pytest.approx(mean_loss(model), rel=1e-4)  # the final checkpoint's own held-out loss
+    best, _, best_info = load_checkpoint(tmp_path / "b-best")
+    step, value = min(evals, key=lambda e: e[1])
+    assert best_info["train"]["step"] == step
+    assert value == pytest.approx(mean_loss(best), rel=1e-4)
+
+
+def test_keep_best_needs_held_out_rows(tiny_bases):
+    with pytest.raises(ValueError, match="eval_data"):
+        TrainConfig(stage=1, data="x", out="o", keep_best=True, **tiny_bases)

@@ -70,6 +70,8 @@ class TrainConfig:
     objective: str = "llm"  # llm: next-token loss through the LLM; ctc: warm start against token embeddings
     cache_encoder: bool = True  # keep frozen-encoder outputs (CPU) so later epochs skip the encoder
     group_by_length: bool = False  # batches of similar length: less padding (62% -> 98% of positions used here)
+    eval_data: str | list = ""  # held-out manifest(s): their mean loss is logged at every save and kept in the info
+    keep_best: bool = False  # with eval_data: also keep the checkpoint of lowest held-out loss, in `<out>-best`
 
     def __post_init__(self):
         if self.adaptor not in ADAPTOR_KINDS:
@@ -86,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.init and not (self.whisper and self.llm):
             raise ValueError(f"stage {self.stage} needs base models (whisper and llm) or init (a checkpoint)")
+        if self.keep_best and not self.eval_data:
+            raise ValueError("keep_best needs eval_data (held-out manifests to choose by)")
         if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
             raise ValueError(f"steps, batch_size and save_every must be >= 1, got "
                              f"{self.steps}, {self.batch_size}, {self.save_every}")
@@ -94,7 +98,8 @@ class TrainConfig:
         """Hash of what decides the result (not where it is written, how often it logs, or how long it runs:
         the schedule is warmup then constant, so raising `steps` continues a run exactly)."""
         keep = {k: v for k, v in asdict(self).items()
-                if k not in ("out", "log_every", "save_every", "workers", "steps", "cache_encoder")
+                if k not in ("out", "log_every", "save_every", "workers", "steps", "cache_encoder", "eval_data",
+                             "keep_best")
                 and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -223,15 +228,11 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
         model.llm.gradient_checkpointing_enable()
         if hasattr(model.llm, "enable_input_require_grads"):
             model.llm.enable_input_require_grads()
-    examples = [ex for path in ([cfg.data] if isinstance(cfg.data, str) else cfg.data)
-                for ex in read_manifest(path, model.cfg.transcribe_instruction)]
-    if llm_mode == "frozen":  # text-only rows cannot reach the adaptor: skip their compute
-        with_audio = [ex for ex in examples if any(not isinstance(p, str) for t in ex.turns for p in t.parts)]
-        if len(with_audio) < len(examples):
-            log.info("LLM frozen: skipping %d text-only rows", len(examples) - len(with_audio))
-        examples = with_audio
+    examples = _examples(cfg.data, model, llm_mode)
     if not examples:
         raise ValueError(f"no usable training rows in {cfg.data}")
+    held_out = _examples(cfg.eval_data, model, llm_mode) if cfg.eval_data else []
+    evals = list(ckpt["train"].get("eval", [])) if resume else []
     collate = Collator(tokenizer, model.cfg.prompt, model.cfg.geometry)
     lengths = [example_length(ex) for ex in examples] if cfg.group_by_length else None
     head = None
@@ -261,13 +262,23 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
     n_items = 0
     t0 = time.perf_counter()
     bar = _progress(cfg.steps, start, acc.is_main_process)
-    for step in range(start, cfg.steps):
-        batch = collate([examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, step, lengths)])
+
+    def batch_loss(rows):
+        batch = collate(rows).to(acc.device)
         with acc.autocast():
-            if head is None:
-                loss = model(batch.to(acc.device))
-            else:
-                loss = head.loss(*ctc_rows_and_targets(inner, batch.to(acc.device), n_end))
+            return model(batch) if head is None else head.loss(*ctc_rows_and_targets(inner, batch, n_end))
+
+    def evaluate(step):
+        if held_out and acc.is_main_process:
+            evals.append([step, held_out_loss(inner, held_out, batch_loss, cfg.batch_size)])
+            log.info("step %d held-out loss %.4f (%d rows)", step, evals[-1][1], len(held_out))
+            if cfg.keep_best and evals[-1][1] <= min(e[1] for e in evals):
+                info = {"config": asdict(cfg), "digest": cfg.digest(), "step": step, "loss": list(history),
+                        "eval": [list(e) for e in evals]}
+                save_checkpoint(inner, best_dir(cfg), base, info, llm_mode)
+
+    for step in range(start, cfg.steps):
+        loss = batch_loss([examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, step, lengths)])
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(params, 1.0)
@@ -284,18 +295,52 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
         if on_step is not None:
             on_step(step + 1, history[-1])
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps and acc.is_main_process:
-            _save(inner, cfg, base, llm_mode, history, step + 1, opt, sched, head=head)
+            evaluate(step + 1)
+            _save(inner, cfg, base, llm_mode, history, step + 1, opt, sched, head=head, evals=evals)
     if bar is not None:
         bar.close()
-    inner.eval()
     samples_s = n_items / max(time.perf_counter() - t0, 1e-9)
+    evaluate(cfg.steps)
+    inner.eval()
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return _save(inner, cfg, base, llm_mode, history, cfg.steps, opt, sched, head=head,
+    return _save(inner, cfg, base, llm_mode, history, cfg.steps, opt, sched, head=head, evals=evals,
                  extra={"samples_per_s": samples_s, "peak_gpu_bytes": peak, "precision": precision})
 
 
-def _save(model, cfg, base, llm_mode, history, step, opt, sched, extra=None, head=None) -> Path:
+def best_dir(cfg: TrainConfig) -> Path:
+    """Where keep_best puts the checkpoint of lowest held-out loss (without trainer state: not resumable)."""
+    return Path(f"{cfg.out}-best")
+
+
+def _examples(manifests, model, llm_mode: str) -> list:
+    examples = [ex for path in ([manifests] if isinstance(manifests, str) else manifests)
+                for ex in read_manifest(path, model.cfg.transcribe_instruction)]
+    if llm_mode == "frozen":  # text-only rows cannot reach the adaptor: skip their compute
+        with_audio = [ex for ex in examples if any(not isinstance(p, str) for t in ex.turns for p in t.parts)]
+        if len(with_audio) < len(examples):
+            log.info("LLM frozen: skipping %d text-only rows", len(examples) - len(with_audio))
+        examples = with_audio
+    return examples
+
+
+def held_out_loss(model: LLaSMModel, examples: list, batch_loss, batch_size: int) -> float:
+    """Mean loss over examples in order (batch_loss(rows) -> mean loss of those rows), without gradients; the
+    model goes back to training mode (its frozen encoder to eval) afterwards."""
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            rows = examples[i: i + batch_size]
+            total += float(batch_loss(rows)) * len(rows)
+    model.train()
+    model.encoder.eval()
+    return total / len(examples)
+
+
+def _save(model, cfg, base, llm_mode, history, step, opt, sched, extra=None, head=None, evals=()) -> Path:
     info = {"config": asdict(cfg), "digest": cfg.digest(), "step": step, "loss": list(history), **(extra or {})}
+    if evals:
+        info["eval"] = [list(e) for e in evals]
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "torch_rng": torch.get_rng_state()}
     if head is not None:
