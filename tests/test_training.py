@@ -300,3 +300,50 @@ def test_held_out_loss_is_logged_at_each_save_and_changes_nothing(tiny_bases, sp
 def test_keep_best_needs_held_out_rows(tiny_bases):
     with pytest.raises(ValueError, match="eval_data"):
         TrainConfig(stage=1, data="x", out="o", keep_best=True, **tiny_bases)
+
+
+class _NanGradient(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward (what a bf16 overflow in the backward pass does)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _nan_gradient_at(monkeypatch, bad_calls):
+    from llasm.training.model import LLaSMModel
+
+    forward, calls = LLaSMModel.forward, []
+
+    def patched(self, batch):
+        calls.append(1)
+        loss = forward(self, batch)
+        return _NanGradient.apply(loss) if len(calls) in bad_calls else loss
+
+    monkeypatch.setattr(LLaSMModel, "forward", patched)
+
+
+def test_a_non_finite_gradient_skips_its_step(tiny_bases, speech_data, tmp_path, monkeypatch):
+    common = dict(stage=1, data=str(speech_data / "asr.jsonl"), batch_size=2, lr=1e-2, warmup=1, **tiny_bases)
+    one_step = load_checkpoint(train(TrainConfig(out=str(tmp_path / "a"), steps=1, **common)))[0]
+    _nan_gradient_at(monkeypatch, {2})
+    model, _, info = load_checkpoint(train(TrainConfig(out=str(tmp_path / "b"), steps=2, **common)))
+    assert info["train"]["skipped"] == [2]
+    for (name, x), (_, y) in zip(one_step.adaptor.state_dict().items(), model.adaptor.state_dict().items()):
+        assert torch.isfinite(y).all(), name
+        torch.testing.assert_close(x, y, atol=0, rtol=0, msg=name)  # step 2 left the weights as step 1 made them
+
+
+def test_a_run_of_non_finite_gradients_ends_the_run(tiny_bases, speech_data, tmp_path, monkeypatch):
+    import llasm.training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "MAX_BAD_STEPS", 2)
+    _nan_gradient_at(monkeypatch, {2, 3})
+    cfg = TrainConfig(stage=1, data=str(speech_data / "asr.jsonl"), out=str(tmp_path / "c"), steps=5, batch_size=2,
+                      **tiny_bases)
+    with pytest.raises(RuntimeError, match="2 steps in a row had non-finite gradients"):
+        train(cfg)

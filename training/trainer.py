@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # Fields added after runs were made: at these defaults they stay out of the digest, so those runs still resume.
 _LATER_FIELDS = {"adaptor": "stack-mlp", "n_queries": 64, "train_decoder": False, "group_by_length": False}
 GROUP_SPAN = 32  # group_by_length sorts within windows of this many batches
+MAX_BAD_STEPS = 20  # non-finite gradients in a row that end a run (single ones are skipped: bf16 on a GPU had them)
 LLM_MODES = ("lora", "full", "frozen")  # stage 2; frozen: only the adaptor learns, the LLM ships untouched
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -259,7 +260,8 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
     inner.encoder.eval()
     log.info("stage %d: %d examples, %d trainable parameters (%s), %s on %s", cfg.stage, len(examples),
              sum(p.numel() for p in params), llm_mode, precision, acc.device)
-    n_items = 0
+    n_items = bad_run = 0
+    skipped = list(ckpt["train"].get("skipped", [])) if resume else []
     t0 = time.perf_counter()
     bar = _progress(cfg.steps, start, acc.is_main_process)
 
@@ -281,8 +283,16 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
         loss = batch_loss([examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, step, lengths)])
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
-        acc.clip_grad_norm_(params, 1.0)
-        opt.step()
+        if torch.isfinite(acc.clip_grad_norm_(params, 1.0)):
+            opt.step()
+            bad_run = 0
+        else:  # an overflow in this step's backward: keep the weights as they are, as AMP's loss scaler does
+            skipped.append(step + 1)
+            bad_run += 1
+            log.warning("step %d: non-finite gradient, step skipped (%d so far)", step + 1, len(skipped))
+            if bad_run >= MAX_BAD_STEPS:
+                raise RuntimeError(f"{bad_run} steps in a row had non-finite gradients (up to step {step + 1}); "
+                                         f"the run diverged: lower lr, or precision = \"fp32\" if it is {precision}")
         sched.step()
         history.append(float(loss.detach()))
         n_items += cfg.batch_size
@@ -296,14 +306,15 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
             on_step(step + 1, history[-1])
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps and acc.is_main_process:
             evaluate(step + 1)
-            _save(inner, cfg, base, llm_mode, history, step + 1, opt, sched, head=head, evals=evals)
+            _save(inner, cfg, base, llm_mode, history, step + 1, opt, sched, head=head, evals=evals,
+                  skipped=skipped)
     if bar is not None:
         bar.close()
     samples_s = n_items / max(time.perf_counter() - t0, 1e-9)
     evaluate(cfg.steps)
     inner.eval()
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return _save(inner, cfg, base, llm_mode, history, cfg.steps, opt, sched, head=head, evals=evals,
+    return _save(inner, cfg, base, llm_mode, history, cfg.steps, opt, sched, head=head, evals=evals, skipped=skipped,
                  extra={"samples_per_s": samples_s, "peak_gpu_bytes": peak, "precision": precision})
 
 
@@ -337,10 +348,13 @@ def held_out_loss(model: LLaSMModel, examples: list, batch_loss, batch_size: int
     return total / len(examples)
 
 
-def _save(model, cfg, base, llm_mode, history, step, opt, sched, extra=None, head=None, evals=()) -> Path:
+def _save(model, cfg, base, llm_mode, history, step, opt, sched, extra=None, head=None, evals=(),
+          skipped=()) -> Path:
     info = {"config": asdict(cfg), "digest": cfg.digest(), "step": step, "loss": list(history), **(extra or {})}
     if evals:
         info["eval"] = [list(e) for e in evals]
+    if skipped:
+        info["skipped"] = list(skipped)  # steps whose gradient was not finite
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "torch_rng": torch.get_rng_state()}
     if head is not None:
