@@ -46,9 +46,23 @@ class Reply:
     tokens: int = 0
     tokens_per_s: float = 0.0
     audio_seconds: float = 0.0
+    looped: bool = False  # stopped at a decoding loop: text and history keep one copy of the repeated block
 
 
 TRANSCRIPT_TOKENS_PER_S = 10  # read speech in the training data: 3.2 (en) and 2.5 (zh) Qwen tokens/s, at most 6.4
+LOOP_REPEATS = 3  # an answer that ends in the same block of tokens this many times in a row is a decoding loop...
+LOOP_MIN_TOKENS = 12  # ...when the repeats span at least this many tokens ("no, no, no" is an answer, not a loop)
+
+
+def loop_excess(tokens: list) -> int:
+    """How many tokens at the end repeat a block: tokens whose last max(LOOP_REPEATS * p, LOOP_MIN_TOKENS) tokens
+    are periodic with period p (the shortest such p) give that span less its first block; 0 when there is no loop."""
+    n = len(tokens)
+    for p in range(1, n // LOOP_REPEATS + 1):
+        span = max(LOOP_REPEATS * p, LOOP_MIN_TOKENS)
+        if span <= n and tokens[n - span: n - p] == tokens[n - span + p:]:
+            return span - p
+    return 0
 
 
 class LLaSM:
@@ -146,7 +160,8 @@ class Chat:
     def send(self, audio=None, text: str | None = None, **kw) -> Reply:
         reply = Reply("")
         pieces = list(self.stream(audio=audio, text=text, _reply=reply, **kw))
-        reply.text = "".join(pieces)
+        if not reply.looped:
+            reply.text = "".join(pieces)
         return reply
 
     def stream(self, audio=None, text: str | None = None, sample_rate: int | None = None, max_tokens: int = 512,
@@ -283,6 +298,13 @@ class Chat:
                     if llm.is_eog(token):
                         break
                     generated.append(token)
+                    excess = loop_excess(generated)
+                    if excess:  # keep one copy of the block; this token was never evaluated, the others were
+                        del generated[len(generated) - excess:]
+                        llm.truncate(prefilled + len(generated))
+                        text = b"".join(llm.piece(t) for t in generated).decode("utf-8", "replace")
+                        reply.looped = True
+                        break
                     piece = decoder.decode(llm.piece(token))
                     text += piece
                     if stops and any(s in text[-(len(piece) + longest_stop):] for s in stops):

@@ -132,3 +132,35 @@ def test_a_transcript_is_capped_by_the_length_of_its_audio(bundle, monkeypatch):
     model.close()
     assert caps == [chat_module.TRANSCRIPT_TOKENS_PER_S + 16, 5, 3 * chat_module.TRANSCRIPT_TOKENS_PER_S + 16]
     assert isinstance(text, str)
+
+
+def test_loop_excess_finds_the_repeated_tail():
+    from llasm.runtime.chat import LOOP_MIN_TOKENS, loop_excess
+
+    assert loop_excess([7] * LOOP_MIN_TOKENS) == LOOP_MIN_TOKENS - 1  # one token said over and over: keep one
+    assert loop_excess([7] * (LOOP_MIN_TOKENS - 1)) == 0  # too short to call a loop
+    assert loop_excess([5, 6] + [1, 2, 3, 4, 9] * 3) == 10  # three copies of a 5-token block: keep the first
+    assert loop_excess([1, 2, 3, 4, 9] * 2 + [1, 2, 3, 4]) == 0  # two copies and a bit
+    assert loop_excess(list(range(40))) == 0
+
+
+def test_a_decoding_loop_stops_and_keeps_one_copy(bundle, monkeypatch):
+    from llasm.runtime import chat as chat_module
+
+    block = [11, 12, 13, 14, 15]
+    script = iter([3, 4] + block * 10)
+    monkeypatch.setattr(chat_module, "_sample", lambda logits, temperature, rng: next(script))
+    model = LLaSM.load(bundle)
+    chat = model.chat()
+    streamed = "".join(chat.stream(text="say it again", max_tokens=40))
+    reply = chat.exchanges[-1]
+    want = b"".join(model.llm.piece(t) for t in [3, 4] + block).decode("utf-8", "replace")
+    assert reply.text == want
+    assert streamed.startswith(want) and len(streamed) > len(want)  # the stream showed repeats before the stop
+    _cache_matches_history(model, chat)  # the KV cache keeps one copy too
+    assert reply.reply[:len(block) + 2] == [3, 4] + block and len(reply.reply) < len(block) * 2 + 2
+
+    script = iter([3, 4] + block * 10)
+    again = model.chat().send(text="say it again", max_tokens=40)
+    assert again.looped and again.text == want and again.tokens == len(block) + 2
+    model.close()
