@@ -292,7 +292,7 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
             log.warning("step %d: non-finite gradient, step skipped (%d so far)", step + 1, len(skipped))
             if bad_run >= MAX_BAD_STEPS:
                 raise RuntimeError(f"{bad_run} steps in a row had non-finite gradients (up to step {step + 1}); "
-                                         f"the run diverged: lower lr, or precision = \"fp32\" if it is {precision}")
+                                   f"the run diverged: lower lr, or precision = \"fp32\" if it is {precision}")
         sched.step()
         history.append(float(loss.detach()))
         n_items += cfg.batch_size
