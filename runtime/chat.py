@@ -52,13 +52,15 @@ class Reply:
 TRANSCRIPT_TOKENS_PER_S = 10  # read speech in the training data: 3.2 (en) and 2.5 (zh) Qwen tokens/s, at most 6.4
 LOOP_REPEATS = 3  # an answer that ends in the same block of tokens this many times in a row is a decoding loop...
 LOOP_MIN_TOKENS = 12  # ...when the repeats span at least this many tokens ("no, no, no" is an answer, not a loop)
+LOOP_MAX_BLOCK = 64  # blocks up to this long are looked for: the check per decoded token stays bounded
 
 
 def loop_excess(tokens: list) -> int:
     """How many tokens at the end repeat a block: tokens whose last max(LOOP_REPEATS * p, LOOP_MIN_TOKENS) tokens
-    are periodic with period p (the shortest such p) give that span less its first block; 0 when there is no loop."""
+    are periodic with period p <= LOOP_MAX_BLOCK (the shortest such p) give that span less its first block; 0 when
+    there is no loop. Runs once per decoded token, over at most LOOP_REPEATS * LOOP_MAX_BLOCK tokens."""
     n = len(tokens)
-    for p in range(1, n // LOOP_REPEATS + 1):
+    for p in range(1, min(n // LOOP_REPEATS, LOOP_MAX_BLOCK) + 1):
         span = max(LOOP_REPEATS * p, LOOP_MIN_TOKENS)
         if span <= n and tokens[n - span: n - p] == tokens[n - span + p:]:
             return span - p

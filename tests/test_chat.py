@@ -135,13 +135,15 @@ def test_a_transcript_is_capped_by_the_length_of_its_audio(bundle, monkeypatch):
 
 
 def test_loop_excess_finds_the_repeated_tail():
-    from llasm.runtime.chat import LOOP_MIN_TOKENS, loop_excess
+    from llasm.runtime.chat import LOOP_MAX_BLOCK, LOOP_MIN_TOKENS, loop_excess
 
     assert loop_excess([7] * LOOP_MIN_TOKENS) == LOOP_MIN_TOKENS - 1  # one token said over and over: keep one
     assert loop_excess([7] * (LOOP_MIN_TOKENS - 1)) == 0  # too short to call a loop
     assert loop_excess([5, 6] + [1, 2, 3, 4, 9] * 3) == 10  # three copies of a 5-token block: keep the first
     assert loop_excess([1, 2, 3, 4, 9] * 2 + [1, 2, 3, 4]) == 0  # two copies and a bit
     assert loop_excess(list(range(40))) == 0
+    assert loop_excess(list(range(LOOP_MAX_BLOCK)) * 3) == 2 * LOOP_MAX_BLOCK  # the longest block looked for
+    assert loop_excess(list(range(LOOP_MAX_BLOCK + 1)) * 3) == 0  # longer blocks are not searched
 
 
 def test_a_decoding_loop_stops_and_keeps_one_copy(bundle, monkeypatch):
