@@ -275,9 +275,7 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
             evals.append([step, held_out_loss(inner, held_out, batch_loss, cfg.batch_size)])
             log.info("step %d held-out loss %.4f (%d rows)", step, evals[-1][1], len(held_out))
             if cfg.keep_best and evals[-1][1] <= min(e[1] for e in evals):
-                info = {"config": asdict(cfg), "digest": cfg.digest(), "step": step, "loss": list(history),
-                        "eval": [list(e) for e in evals]}
-                save_checkpoint(inner, best_dir(cfg), base, info, llm_mode)
+                save_checkpoint(inner, best_dir(cfg), base, _info(cfg, step, history, evals, skipped), llm_mode)
 
     for step in range(start, cfg.steps):
         loss = batch_loss([examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, step, lengths)])
@@ -348,13 +346,19 @@ def held_out_loss(model: LLaSMModel, examples: list, batch_loss, batch_size: int
     return total / len(examples)
 
 
-def _save(model, cfg, base, llm_mode, history, step, opt, sched, extra=None, head=None, evals=(),
-          skipped=()) -> Path:
+def _info(cfg: TrainConfig, step: int, history, evals=(), skipped=(), extra=None) -> dict:
+    """The run's record in a checkpoint's config: settings, digest, step, losses, held-out losses, skipped steps."""
     info = {"config": asdict(cfg), "digest": cfg.digest(), "step": step, "loss": list(history), **(extra or {})}
     if evals:
         info["eval"] = [list(e) for e in evals]
     if skipped:
         info["skipped"] = list(skipped)  # steps whose gradient was not finite
+    return info
+
+
+def _save(model, cfg, base, llm_mode, history, step, opt, sched, extra=None, head=None, evals=(),
+          skipped=()) -> Path:
+    info = _info(cfg, step, history, evals, skipped, extra)
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "torch_rng": torch.get_rng_state()}
     if head is not None:
