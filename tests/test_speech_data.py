@@ -236,3 +236,36 @@ def test_an_espeak_voice_can_be_named():
     assert not np.allclose(a[:n], b[:n], atol=1e-3)  # another speaker, not the same voice renamed
     with pytest.raises(tts.TTSError, match="no voice 'en-nowhere'"):
         tts.make_engine("en", "espeak:en-nowhere")
+
+
+def test_answer_sentences_keep_complete_plain_sentences():
+    got = speech_data.answer_sentences("en", "Paris is the capital of France. It was founded in 1250 or so. Yes. "
+                                             "Use `print` for this one. The river Seine runs through", 200)
+    assert got == ["Paris is the capital of France."]  # a year, a short one, markup, a cut-off fragment: dropped
+    assert speech_data.answer_sentences("zh", "巴黎是法国的首都。是的。塞纳河流经巴黎市中心！它的长度", 200) == \
+        ["巴黎是法国的首都。", "塞纳河流经巴黎市中心！"]
+
+
+def test_answers_source_speaks_training_answers_as_asr_rows(tmp_path):
+    config = fake_config(tmp_path, langs=("en",), responses="llm", limit=None, sources=("facts", "answers"))
+
+    def answer(question):  # two sentences per answer, the second one the same for every question
+        return f"Here is my answer to {question.rstrip('?')} now. Every single question gets this line."
+
+    build(config, answer=answer, engines={"en": SineVoice()}, progress=False)
+    check_dataset(config.out)
+    train, heldout = rows(config.out, "train", "asr"), rows(config.out, "heldout", "asr")
+    extra = [r for r in train if r["source"] == "answers"]
+    cache = [json.loads(line) for line in (config.out / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
+    questions = [r["question"] for r in cache if split_of(r["question"], config.heldout_fraction) == "train"]
+    assert heldout and extra and 0 < len(questions) < len(cache)  # the cache holds held-out questions' answers too
+    expected = {normalize(answer(q).split(" now.")[0] + " now.") for q in questions}
+    expected.add(normalize("Every single question gets this line."))
+    expected = {k for k in expected if split_of(k, config.heldout_fraction) == "train"}
+    assert {normalize(r["text"]) for r in extra} == expected  # no held-out question's answer, each sentence once
+    assert len(extra) == len(expected)
+    conv_audio = {r.get("audio") for split in MANIFESTS for r in rows(config.out, split, "conv")}
+    assert not conv_audio & {r["audio"] for r in extra}  # ASR rows only
+    assert all(r["split"] == "train" and r["voice"] == "fake-sine" for r in extra)
+    with pytest.raises(ValueError, match="responses 'llm'"):
+        fake_config(tmp_path, sources=("answers",))

@@ -1,6 +1,7 @@
 """Offline speech-instruction data: packaged text -> TTS clips -> ASR and conversation manifests (see data.py).
 
-    texts       chatterbot-corpus Q/A (en, zh), templated arithmetic, a few hand-written facts
+    texts       chatterbot-corpus Q/A (en, zh), templated arithmetic, a few hand-written facts; optionally the
+                sentences of the LLM's answers to training questions, spoken as extra ASR-only rows
     split       sha1 of the normalized question decides train / held-out, so a sentence never lands on both sides
     clips       one clip per question: clips/<lang>-<id>.wav, 16 kHz mono; the id hashes voice, text and variation,
                 so an existing file is a finished clip and a rerun skips it
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 LANGS = ("en", "zh")
 RESPONSES = ("corpus", "llm")
-SOURCES = ("chatterbot", "math", "facts")
+SOURCES = ("chatterbot", "math", "facts", "answers")
+DEFAULT_SOURCES = ("chatterbot", "math", "facts")
 KINDS = ("speech", "speech+instruction", "instruction+speech", "text")
 MAX_CLIP_S = 30.0  # one Whisper window
 ANSWER_INSTRUCTIONS = {
@@ -94,7 +96,7 @@ class BuildConfig:
     responses: str = "corpus"
     engines: tuple = ()  # (lang, engine name) pairs overriding tts.DEFAULT_ENGINES
     heldout_fraction: float = 0.1
-    sources: tuple = SOURCES
+    sources: tuple = DEFAULT_SOURCES
     math_count: int = 200  # arithmetic questions generated per language
     max_chars: int = 200  # longer questions are not spoken
 
@@ -113,6 +115,8 @@ class BuildConfig:
             raise ValueError(f"sources must be among {SOURCES}, got {bad}")
         if self.responses not in RESPONSES:
             raise ValueError(f"responses must be one of {RESPONSES}, got {self.responses!r}")
+        if "answers" in self.sources and self.responses != "llm":
+            raise ValueError("the 'answers' source speaks the LLM's cached answers: it needs responses 'llm'")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
 
@@ -232,6 +236,40 @@ def sentences(lang: str, config: BuildConfig) -> list[Sentence]:
     return [Sentence(lang, by_key[k][0], by_key[k][1], tuple(dict.fromkeys(by_key[k][2]))) for k in keys]
 
 
+ANSWER_SENTENCE = {"en": re.compile(r"[^.!?]*\w[^.!?]*[.!?]+"), "zh": re.compile(r"[^。！？!?]*\w[^。！？!?]*[。！？!?]+")}
+ANSWER_MIN_WORDS = {"en": 4, "zh": 6}  # words (en) or characters (zh); shorter sentences say little
+
+
+def answer_sentences(lang: str, answer: str, max_chars: int) -> list[str]:
+    """The complete sentences of one answer: a fragment without end punctuation (cut off by the token cap) is
+    dropped, and so are sentences shorter than ANSWER_MIN_WORDS, longer than max_chars or holding a number of
+    four digits or more (a voice reads years and counts in different ways) or markup."""
+    out = []
+    for m in ANSWER_SENTENCE[lang].finditer(" ".join(answer.split())):
+        text = m.group(0).strip()
+        size = len(text.split()) if lang == "en" else len(re.sub(r"\W", "", text))
+        if ANSWER_MIN_WORDS[lang] <= size and len(text) <= max_chars and not re.search(r"\d{4,}|[`*#_<>{}\[\]|\\]", text):
+            out.append(text)
+    return out
+
+
+def answer_texts(lang: str, known: dict, config: BuildConfig, spoken: set) -> list[Sentence]:
+    """ASR-only sentences from the cached answers to training questions, in a seeded order: none is a held-out
+    sentence by the split rule, none repeats a sentence spoken as a question (`spoken`: normalized keys)."""
+    by_key = {}
+    for (row_lang, question), answer in known.items():
+        if row_lang != lang or split_of(question, config.heldout_fraction) != "train":
+            continue
+        for text in answer_sentences(lang, answer, config.max_chars):
+            key = normalize(text)
+            if key not in spoken and split_of(text, config.heldout_fraction) == "train":
+                by_key.setdefault(key, text)
+    keys = sorted(by_key)
+    random.Random(_stable_int("answers", lang, config.seed)).shuffle(keys)
+    keys = keys[: config.limit] if config.limit else keys
+    return [Sentence(lang, by_key[k], "answers", ()) for k in keys]
+
+
 # ---- answers -----------------------------------------------------------------------------------------------------
 
 class AnswerCache:
@@ -307,9 +345,10 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
     plan = [(j, s) for lang in config.langs for j, s in enumerate(sentences(lang, config))]
     manifests: dict[str, dict[str, list]] = {split: {"asr": [], "conv": [], "qa": []} for split in ("train", "heldout")}
 
-    for j, s in tqdm(plan, desc="speech data", unit="clip", disable=not progress):
+    def speak(s: Sentence) -> tuple[str, dict] | None:
+        """The sentence's clip (spoken now, or found from an earlier run) and its manifest metadata; None if the
+        voice failed or the clip is out of bounds (counted in the summary)."""
         rng = np.random.default_rng([config.seed, _stable_int("clip", s.lang, s.key)])
-        pick = random.Random(_stable_int("pick", s.lang, s.key, config.seed))
         voice = engines[s.lang].name
         variation = Variation.sample(rng, config.noise)
         clip_id = hashlib.sha1(json.dumps([voice, s.text, variation.to_dict()]).encode("utf-8")).hexdigest()[:16]
@@ -323,13 +362,22 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
             except Exception as e:  # any engine failure (onnxruntime, espeak, a callback) skips only this sample
                 summary.skipped["tts failed"] += 1
                 log.warning("skipped %r: %s", s.text, str(e).splitlines()[0] if str(e) else type(e).__name__)
-                continue
+                return None
             if samples.size < MIN_SAMPLES or samples.size > MAX_CLIP_S * SAMPLE_RATE:
                 summary.skipped["too short" if samples.size < MIN_SAMPLES else "too long"] += 1
-                continue
+                return None
             _write_clip(path, samples)
             summary.clips_written += 1
         seconds = soundfile.info(str(path)).duration
+        summary.audio_seconds += seconds
+        return clip, {"voice": voice, "variation": variation.to_dict(), "seconds": round(seconds, 3)}
+
+    for j, s in tqdm(plan, desc="speech data", unit="clip", disable=not progress):
+        pick = random.Random(_stable_int("pick", s.lang, s.key, config.seed))
+        spoken = speak(s)
+        if spoken is None:
+            continue
+        clip, audio_meta = spoken
         kind = KINDS[j % len(KINDS)]  # j counts this language's sentences: kinds stay put when limit grows
         try:
             reply = answers(s.lang, s.text) if answers and kind != "instruction+speech" else pick.choice(s.answers)
@@ -339,7 +387,6 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
             continue
         split = split_of(s.text, config.heldout_fraction)
         meta = {"lang": s.lang, "source": s.source, "split": split}
-        audio_meta = {"voice": voice, "variation": variation.to_dict(), "seconds": round(seconds, 3)}
         manifests[split]["asr"].append({"audio": clip, "text": s.text, **meta, **audio_meta})
         turns = conversation(kind, s, clip, reply, pick)
         audio_meta = audio_meta if kind != "text" else {}
@@ -347,7 +394,16 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
         short = [a for a in s.answers if 0 < len(a.split()) <= QA_MAX_WORDS]
         if s.source in QA_SOURCES and short:  # questions with a short checkable answer: spoken-QA evaluation
             manifests[split]["qa"].append({"audio": clip, "question": s.text, "answers": short, **meta})
-        summary.audio_seconds += seconds
+
+    if "answers" in config.sources:  # after the questions, so that this run's own answers are in the cache
+        spoken_keys = {s.key for _, s in plan}
+        extra = [s for lang in config.langs for s in answer_texts(lang, answers.known, config, spoken_keys)]
+        for s in tqdm(extra, desc="answer sentences", unit="clip", disable=not progress):
+            spoken = speak(s)
+            if spoken is not None:
+                clip, audio_meta = spoken
+                manifests["train"]["asr"].append({"audio": clip, "text": s.text, "lang": s.lang, "source": s.source,
+                                                  "split": "train", **audio_meta})
 
     for split, names in manifests.items():
         for name, rows in names.items():
@@ -382,6 +438,7 @@ def _write_metadata(config: BuildConfig, engines: dict[str, Engine], summary: Bu
         f"- Voices: {', '.join(f'{k}: {v}' for k, v in voices.items())}.",
         f"- Held out {heldout}.",
         f"- Responses: {config.responses}" + (" (cached in answers.jsonl)." if config.responses == "llm" else "."),
-        f"- Texts: {', '.join(config.sources)} (chatterbot = chatterbot-corpus Q/A; math = templated arithmetic).", "",
+        f"- Texts: {', '.join(config.sources)} (chatterbot = chatterbot-corpus Q/A; math = templated arithmetic; "
+        f"answers = complete sentences of the cached LLM answers to training questions, ASR rows only).", "",
     ]
     (config.out / "README.md").write_text("\n".join(readme), encoding="utf-8")
