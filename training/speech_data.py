@@ -242,13 +242,16 @@ ANSWER_MIN_WORDS = {"en": 4, "zh": 6}  # words (en) or characters (zh); shorter 
 
 def answer_sentences(lang: str, answer: str, max_chars: int) -> list[str]:
     """The complete sentences of one answer: a fragment without end punctuation (cut off by the token cap) is
-    dropped, and so are sentences shorter than ANSWER_MIN_WORDS, longer than max_chars or holding a number of
-    four digits or more (a voice reads years and counts in different ways) or markup."""
+    dropped, and so are sentences shorter than ANSWER_MIN_WORDS, longer than max_chars, opening a numbered list
+    ("... as follows: 1."), or holding a number of four digits or more (a voice reads years and counts in
+    different ways) or markup."""
     out = []
     for m in ANSWER_SENTENCE[lang].finditer(" ".join(answer.split())):
         text = m.group(0).strip()
         size = len(text.split()) if lang == "en" else len(re.sub(r"\W", "", text))
-        if ANSWER_MIN_WORDS[lang] <= size and len(text) <= max_chars and not re.search(r"\d{4,}|[`*#_<>{}\[\]|\\]", text):
+        listed = re.search(r"[:：]\s*\d+[.)]$", text)  # "...including: 1." opens a numbered list and says little
+        if ANSWER_MIN_WORDS[lang] <= size and len(text) <= max_chars and not listed \
+                and not re.search(r"\d{4,}|[`*#_<>{}\[\]|\\]", text):
             out.append(text)
     return out
 
