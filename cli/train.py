@@ -1,7 +1,9 @@
-"""llasm-train PRESET.toml [--set key=value ...]: one training stage from a preset file."""
+"""llasm-train PRESET.toml [--set key=value ...]: one training stage from a preset file.
+llasm-train average CKPT CKPT [...] -o OUT: the uniform average of checkpoints from one starting point."""
 from __future__ import annotations
 
 import argparse
+import sys
 import tomllib
 from dataclasses import fields
 
@@ -37,8 +39,25 @@ def _preset_path(name: str):
     raise ValueError(f"no preset file {name!r}; shipped presets: {', '.join(_shipped())}")
 
 
+def average(argv) -> None:
+    p = argparse.ArgumentParser(prog="llasm-train average", description="Average the weights of checkpoints fine-tuned "
+                                "from one starting point on the same bases (a model soup).")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint directories (two or more)")
+    p.add_argument("-o", "--out", required=True, help="output checkpoint directory")
+    args = p.parse_args(argv)
+    with one_line_errors("llasm-train"):
+        from ..training.checkpoint import average_checkpoints
+
+        path = average_checkpoints(args.checkpoints, args.out)
+    print(f"checkpoint: {path}")
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="llasm-train", description="Train one LLaSM stage from a preset (TOML).")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["average"]:
+        return average(argv[1:])
+    p = argparse.ArgumentParser(prog="llasm-train", description="Train one LLaSM stage from a preset (TOML), or "
+                                "'llasm-train average CKPT CKPT ... -o OUT' to average checkpoints.")
     p.add_argument("preset", help="TOML file with TrainConfig fields (stage, data, out, whisper, llm, ...), or the "
                                   "name of a shipped preset (" + ", ".join(_shipped()) + ")")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset field")

@@ -347,3 +347,35 @@ def test_a_run_of_non_finite_gradients_ends_the_run(tiny_bases, speech_data, tmp
                       **tiny_bases)
     with pytest.raises(RuntimeError, match="2 steps in a row had non-finite gradients"):
         train(cfg)
+
+
+def test_averaged_checkpoint_holds_the_mean_of_adaptor_and_lora(stage1, speech_data, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from llasm.cli.train import main as train_main
+    from llasm.training.checkpoint import CheckpointError, average_checkpoints, read_config
+
+    _, s1 = stage1
+    runs = [train(TrainConfig(stage=2, init=str(s1), data=str(speech_data / "conv.jsonl"), out=str(tmp_path / f"r{i}"),
+                              steps=2, batch_size=2, lr=1e-2, warmup=1, lora_rank=4, seed=i)) for i in (1, 2)]
+    train_main(["average", str(runs[0]), str(runs[1]), "-o", str(tmp_path / "soup")])
+    soup = tmp_path / "soup"
+    for rel in ("adaptor.safetensors", "lora/adapter_model.safetensors"):
+        a, b, mean = (load_file(str(d / rel)) for d in (*runs, soup))
+        assert mean.keys() == a.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+        for k in a:
+            torch.testing.assert_close(mean[k], (a[k] + b[k]) / 2)
+    model, _, config = load_checkpoint(soup, merge_lora=True)  # a loadable checkpoint, LoRA config copied
+    assert config["llm_mode"] == "lora" and not (soup / "trainer_state.pt").exists()
+    train_info = [read_config(r)["train"] for r in runs]
+    assert [s["digest"] for s in config["train"]["average_of"]] == [t["digest"] for t in train_info]
+    assert config["train"]["digest"] not in {t["digest"] for t in train_info}
+
+    with pytest.raises(CheckpointError, match="'llm_mode' differ"):
+        average_checkpoints([s1, runs[0]], tmp_path / "bad")
+    with pytest.raises(CheckpointError, match="at least two"):
+        average_checkpoints([s1], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit) as e:
+        train_main(["average", str(s1), str(tmp_path / "nowhere"), "-o", str(tmp_path / "bad")])
+    assert e.value.code != 0 and "no config.json" in capsys.readouterr().err

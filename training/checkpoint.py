@@ -6,9 +6,11 @@
     llm.safetensors        full LLM weights, when stage 2 fine-tuned the whole LLM
 
 Written to a temporary sibling directory and renamed into place, so a kill never leaves half a checkpoint.
+`average_checkpoints` writes the uniform average of runs that share their start and bases (a "model soup").
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -60,14 +62,73 @@ def save_checkpoint(model: LLaSMModel, out_dir, base: dict, train: dict | None =
         config = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(), "base": base,
                   "llm_mode": llm_mode, "train": train or {}}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename a finished temporary directory into place, replacing what was there."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def average_checkpoints(paths, out_dir) -> Path:
+    """The uniform average of the weights of checkpoints that share model config, bases and llm_mode: runs
+    fine-tuned from one starting point (Wortsman et al. 2022, "model soups"). Every weight file is averaged
+    (adaptor, LoRA, full LLM), other files come from the first checkpoint. No trainer state: the result exports,
+    or starts another run as its init, but does not resume. Its config's train record lists the sources."""
+    from safetensors.torch import load_file, save_file
+
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise CheckpointError(f"averaging needs at least two checkpoints, got {len(paths)}")
+    configs = [read_config(p) for p in paths]
+    for key in ("model", "base", "llm_mode"):
+        for p, c in zip(paths[1:], configs[1:]):
+            if c.get(key) != configs[0].get(key):
+                raise CheckpointError(f"cannot average {paths[0]} and {p}: their {key!r} differ")
+    weight_files = sorted(f.relative_to(paths[0]) for f in paths[0].rglob("*.safetensors"))
+    for p in paths[1:]:
+        found = sorted(f.relative_to(p) for f in p.rglob("*.safetensors"))
+        if found != weight_files:
+            raise CheckpointError(f"cannot average {paths[0]} and {p}: weight files {weight_files} vs {found}")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        for rel in weight_files:
+            states = [load_file(str(p / rel)) for p in paths]
+            for p, state in zip(paths[1:], states[1:]):
+                bad = sorted(k for k in states[0].keys() | state.keys()
+                             if k not in state or k not in states[0] or state[k].shape != states[0][k].shape)
+                if bad:
+                    raise CheckpointError(f"cannot average {paths[0]} and {p}: {rel} differs in {bad[:3]}")
+            mean = {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) for k, v in states[0].items()}
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            save_file(mean, str(tmp / rel))
+        for f in paths[0].rglob("*"):  # the rest, e.g. lora/adapter_config.json; never the trainer state
+            rel = f.relative_to(paths[0])
+            if f.is_file() and f.suffix != ".safetensors" and rel.name not in ("config.json", TRAINER_STATE):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, tmp / rel)
+        sources = [{"path": str(p), "digest": c.get("train", {}).get("digest"), "step": c.get("train", {}).get("step"),
+                    "config": c.get("train", {}).get("config")} for p, c in zip(paths, configs)]
+        key = json.dumps([(s["digest"], s["step"]) for s in sources])
+        train = {"digest": hashlib.sha256(key.encode()).hexdigest()[:16], "step": max(s["step"] or 0 for s in sources),
+                 "average_of": sources}
+        config = {**configs[0], "train": train}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
