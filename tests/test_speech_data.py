@@ -239,9 +239,11 @@ def test_an_espeak_voice_can_be_named():
 
 
 def test_answer_sentences_keep_complete_plain_sentences():
-    got = speech_data.answer_sentences("en", "Paris is the capital of France. 12 divided by 3 equals 4. It was founded in 1250 or so. Yes. "
-                                             "Use `print` for this one. Its sights are as follows: 1. The river Seine runs through", 200)
-    assert got == ["Paris is the capital of France.", "12 divided by 3 equals 4."]  # a year, a short one, markup, a list, a cut-off: dropped
+    answer = ("Paris is the capital of France. 12 divided by 3 equals 4. It was founded in 1250 or so. Yes. "
+              "Use `print` for this one. Its sights are as follows: 1. The river Seine runs through")
+    got = speech_data.answer_sentences("en", answer, 200)
+    # kept: a plain sentence and a sum; dropped: a year, a short one, markup, a list opener, a cut-off fragment
+    assert got == ["Paris is the capital of France.", "12 divided by 3 equals 4."]
     assert speech_data.answer_sentences("zh", "巴黎是法国的首都。是的。塞纳河流经巴黎市中心！它的长度", 200) == \
         ["巴黎是法国的首都。", "塞纳河流经巴黎市中心！"]
 
