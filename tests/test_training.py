@@ -1,6 +1,7 @@
 """Training on tiny models, CPU: the loss moves and each stage changes exactly what it should."""
 import json
 import random
+import shutil
 
 import pytest
 
@@ -379,3 +380,11 @@ def test_averaged_checkpoint_holds_the_mean_of_adaptor_and_lora(stage1, speech_d
     with pytest.raises(SystemExit) as e:
         train_main(["average", str(s1), str(tmp_path / "nowhere"), "-o", str(tmp_path / "bad")])
     assert e.value.code != 0 and "no config.json" in capsys.readouterr().err
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs[1], damaged)
+    (damaged / "adaptor.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SystemExit) as e:
+        train_main(["average", str(runs[0]), str(damaged), "-o", str(tmp_path / "bad")])
+    assert e.value.code != 0 and "cannot read" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    with pytest.raises(CheckpointError, match="cannot read .*adaptor.safetensors"):
+        load_checkpoint(damaged)

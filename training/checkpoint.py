@@ -42,9 +42,7 @@ def save_checkpoint(model: LLaSMModel, out_dir, base: dict, train: dict | None =
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    tmp = _staging(out_dir)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in saved_state(model.adaptor).items()},
                   str(tmp / "adaptor.safetensors"))
@@ -69,6 +67,24 @@ def save_checkpoint(model: LLaSMModel, out_dir, base: dict, train: dict | None =
     return out_dir
 
 
+def _staging(out_dir: Path) -> Path:
+    """An empty temporary sibling of out_dir to write a checkpoint into before `_publish` renames it."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    return tmp
+
+
+def _load_weights(path: Path) -> dict:
+    """A safetensors file's tensors; a missing or damaged file is a CheckpointError naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a damaged header
+        raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def _publish(tmp: Path, out_dir: Path) -> None:
     """Rename a finished temporary directory into place, replacing what was there."""
     old = None
@@ -86,7 +102,7 @@ def average_checkpoints(paths, out_dir) -> Path:
     fine-tuned from one starting point (Wortsman et al. 2022, "model soups"). Every weight file is averaged
     (adaptor, LoRA, full LLM), other files come from the first checkpoint. No trainer state: the result exports,
     or starts another run as its init, but does not resume. Its config's train record lists the sources."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     paths = [Path(p) for p in paths]
     if len(paths) < 2:
@@ -102,12 +118,10 @@ def average_checkpoints(paths, out_dir) -> Path:
         if found != weight_files:
             raise CheckpointError(f"cannot average {paths[0]} and {p}: weight files {weight_files} vs {found}")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)
+    tmp = _staging(out_dir)
     try:
         for rel in weight_files:
-            states = [load_file(str(p / rel)) for p in paths]
+            states = [_load_weights(p / rel) for p in paths]
             for p, state in zip(paths[1:], states[1:]):
                 bad = sorted(k for k in states[0].keys() | state.keys()
                              if k not in state or k not in states[0] or state[k].shape != states[0][k].shape)
@@ -155,8 +169,6 @@ def load_checkpoint(path, merge_lora: bool = False, trainable: bool = False):
     """-> (LLaSMModel, tokenizer, config dict). The base models come from config['base'].
 
     trainable: LoRA weights stay trainable (resuming a run)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     config = read_config(path)
     cfg = LLaSMConfig.from_dict(config["model"])
@@ -168,7 +180,7 @@ def load_checkpoint(path, merge_lora: bool = False, trainable: bool = False):
         raise CheckpointError(f"checkpoint's encoder config {cfg.encoder} differs from the base's {encoder.cfg}")
     mode = config.get("llm_mode", "frozen")
     if mode == "full":
-        llm.load_state_dict(load_file(str(path / "llm.safetensors")), strict=False)
+        llm.load_state_dict(_load_weights(path / "llm.safetensors"), strict=False)
     elif mode == "lora":
         from peft import PeftModel
 
@@ -179,7 +191,7 @@ def load_checkpoint(path, merge_lora: bool = False, trainable: bool = False):
     if cfg.adaptor.kind == "llasm-query":
         decoder, queries = load_whisper_decoder(config["base"]["whisper"], cfg.adaptor.n_queries)
     model = LLaSMModel(cfg, encoder, llm, decoder, queries)
-    state = load_file(str(path / "adaptor.safetensors"))
+    state = _load_weights(path / "adaptor.safetensors")
     want = saved_state(model.adaptor).keys()
     if state.keys() != want:
         raise CheckpointError(f"adaptor weights in {path} do not fit the config: missing {sorted(want - state.keys())}"
