@@ -230,10 +230,15 @@ def sentences(lang: str, config: BuildConfig) -> list[Sentence]:
         key = normalize(q)
         if key and len(q) <= config.max_chars and re.search(r"\w", key):
             by_key.setdefault(key, [q, source, []])[2].append(a)
-    keys = sorted(by_key)
-    random.Random(_stable_int("order", lang, config.seed)).shuffle(keys)
-    keys = keys[: config.limit] if config.limit else keys
+    keys = _seeded_order(by_key, "order", lang, config)
     return [Sentence(lang, by_key[k][0], by_key[k][1], tuple(dict.fromkeys(by_key[k][2]))) for k in keys]
+
+
+def _seeded_order(keys, tag: str, lang: str, config: BuildConfig) -> list:
+    """Sorted, then shuffled by (tag, lang, seed), then cut at config.limit: the same list on every machine."""
+    keys = sorted(keys)
+    random.Random(_stable_int(tag, lang, config.seed)).shuffle(keys)
+    return keys[: config.limit] if config.limit else keys
 
 
 ANSWER_SENTENCE = {"en": re.compile(r"[^.!?]*\w[^.!?]*[.!?]+"), "zh": re.compile(r"[^。！？!?]*\w[^。！？!?]*[。！？!?]+")}
@@ -267,10 +272,7 @@ def answer_texts(lang: str, known: dict, config: BuildConfig, spoken: set) -> li
             key = normalize(text)
             if key not in spoken and split_of(text, config.heldout_fraction) == "train":
                 by_key.setdefault(key, text)
-    keys = sorted(by_key)
-    random.Random(_stable_int("answers", lang, config.seed)).shuffle(keys)
-    keys = keys[: config.limit] if config.limit else keys
-    return [Sentence(lang, by_key[k], "answers", ()) for k in keys]
+    return [Sentence(lang, by_key[k], "answers", ()) for k in _seeded_order(by_key, "answers", lang, config)]
 
 
 # ---- answers -----------------------------------------------------------------------------------------------------
