@@ -190,12 +190,17 @@ def test_gradient_checkpointing_gives_the_same_step(stage1, speech_data, tmp_pat
     assert ckpt[2]["train"]["loss"] == pytest.approx(plain, abs=1e-5)
 
 
-def test_shared_system_header_is_computed_once_with_the_same_loss_and_gradients(tiny_bases, speech_data):
+@pytest.mark.parametrize("llm_trainable", [False, True])
+def test_shared_system_header_is_computed_once_with_the_same_loss_and_gradients(tiny_bases, speech_data,
+                                                                                llm_trainable):
     cfg = TrainConfig(stage=1, data=[str(speech_data / "asr.jsonl"), str(speech_data / "conv.jsonl")], out="unused",
                       **tiny_bases)
     model, tok, _ = build_model(cfg)
     model.requires_grad_(False)
     model.adaptor.requires_grad_(True)
+    if llm_trainable:  # as LoRA or full training: the header's keys and values then carry gradient
+        model.llm.get_decoder().layers[0].self_attn.q_proj.weight.requires_grad_(True)
+    trained = [p for p in model.parameters() if p.requires_grad]
     examples = read_manifest(speech_data / "asr.jsonl", model.cfg.transcribe_instruction)
     examples += read_manifest(speech_data / "conv.jsonl", model.cfg.transcribe_instruction)
     collate = Collator(tok, model.cfg.prompt, model.cfg.geometry)
@@ -211,15 +216,14 @@ def test_shared_system_header_is_computed_once_with_the_same_loss_and_gradients(
         loss = model(batch)
         loss.backward()
         vars(model).pop("shared_prefix", None)
-        return loss.detach(), [p.grad.clone() for p in model.adaptor.parameters()]
+        return loss.detach(), [p.grad.clone() for p in trained]
 
     loss_p, grads_p = loss_and_grads(True)
     loss_f, grads_f = loss_and_grads(False)
     torch.testing.assert_close(loss_p, loss_f, atol=1e-5, rtol=1e-5)
+    assert len(grads_p) == len(grads_f) == len(trained) and grads_p[-1].abs().sum() > 0
     for a, b in zip(grads_p, grads_f):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    model.llm.lm_head.weight.requires_grad_(True)  # a trainable LLM (LoRA, full) needs the header's gradient
-    assert model.shared_prefix(batch) == 0
 
 
 def test_grouped_batches_cover_each_epoch_once_with_less_padding():

@@ -150,9 +150,11 @@ class LLaSMModel(nn.Module):
         return embeds, mask, lab
 
     def shared_prefix(self, batch: Batch) -> int:
-        """Leading text tokens that every sample shares and no loss reads (the system header): with a frozen LLM
-        their keys and values are the same for every sample and carry no gradient, so forward computes them once."""
-        if any(p.requires_grad for p in self.llm.parameters()) or not batch.items:
+        """Leading text tokens that every sample shares and no loss reads (the system header): their keys and values
+        are the same for every sample, so forward computes them once for the batch (with a trainable LLM, LoRA or
+        full, their gradient is the sum over the samples, which the repeat gives). Not with activation checkpointing,
+        under which transformers drops the cache."""
+        if not batch.items or getattr(self.llm, "is_gradient_checkpointing", False):
             return 0
         firsts = [item[0] for item in batch.items]
         if any(p[0] != "text" for p in firsts):
@@ -175,7 +177,8 @@ class LLaSMModel(nn.Module):
         if n_prefix:
             from transformers import DynamicCache
 
-            with torch.no_grad():
+            trainable = any(p.requires_grad for p in self.llm.parameters())
+            with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
                 cache = DynamicCache(config=self.llm.config)
                 decoder(inputs_embeds=embeds[:1, :n_prefix], use_cache=True, past_key_values=cache)
                 cache.batch_repeat_interleave(embeds.shape[0])
