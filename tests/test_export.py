@@ -1,6 +1,7 @@
 """Export options and bad input: quantized bundles run; a broken checkpoint leaves no partial bundle."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -167,3 +168,17 @@ def test_a_bundle_of_the_users_own_is_never_replaced_by_the_release(checkpoint, 
 
 def test_bundle_directory_is_readable_by_others(bundle):
     assert (bundle.stat().st_mode & 0o777) == 0o755
+
+
+def test_every_file_of_the_release_checkpoint_is_package_data():
+    """A wheel (not only an editable install) must carry the whole release, LoRA subdirectory included."""
+    import tomllib
+
+    from llasm.export import default
+
+    root = Path(default.__file__).resolve().parent
+    pyproject = tomllib.loads((root.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["llasm.export"]
+    shipped = {p for pattern in patterns for p in root.glob(pattern) if p.is_file()}
+    release = {p for p in default.RELEASE.rglob("*") if p.is_file()}
+    assert release and release <= shipped, sorted(str(p.relative_to(root)) for p in release - shipped)
