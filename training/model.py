@@ -154,7 +154,7 @@ class LLaSMModel(nn.Module):
         are the same for every sample, so forward computes them once for the batch (with a trainable LLM, LoRA or
         full, their gradient is the sum over the samples, which the repeat gives). Not with activation checkpointing,
         under which transformers drops the cache."""
-        if not batch.items or getattr(self.llm, "is_gradient_checkpointing", False):
+        if not batch.items or getattr(self.llm.get_decoder(), "gradient_checkpointing", False):
             return 0
         firsts = [item[0] for item in batch.items]
         if any(p[0] != "text" for p in firsts):
