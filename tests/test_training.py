@@ -58,6 +58,7 @@ def test_stage2_lora_changes_adaptor_and_lora_only(stage1, speech_data, tmp_path
     path = train(cfg)
     after, _, config = load_checkpoint(path, merge_lora=True)
     assert config["llm_mode"] == "lora" and (path / "lora").is_dir()
+    assert sorted(f.name for f in (path / "lora").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert _changed(_snapshot(base.encoder), _snapshot(after.encoder)) == set()
     assert _changed(_snapshot(base.adaptor), _snapshot(after.adaptor)) == set(base.adaptor.state_dict())
     llm_changed = _changed(_snapshot(base.llm), _snapshot(after.llm))

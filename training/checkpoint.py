@@ -48,6 +48,7 @@ def save_checkpoint(model: LLaSMModel, out_dir, base: dict, train: dict | None =
                   str(tmp / "adaptor.safetensors"))
         if llm_mode == "lora":
             model.llm.save_pretrained(str(tmp / "lora"))
+            (tmp / "lora" / "README.md").unlink(missing_ok=True)  # peft's blank model card, naming a local path
         elif llm_mode == "full":
             state = {k: v.detach().contiguous().cpu() for k, v in model.llm.state_dict().items()}
             if getattr(model.llm.config, "tie_word_embeddings", False):
