@@ -393,3 +393,19 @@ def test_averaged_checkpoint_holds_the_mean_of_adaptor_and_lora(stage1, speech_d
     assert e.value.code != 0 and "cannot read" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     with pytest.raises(CheckpointError, match="cannot read .*adaptor.safetensors"):
         load_checkpoint(damaged)
+    shutil.copy(runs[1] / "adaptor.safetensors", damaged / "adaptor.safetensors")
+    (damaged / "lora" / "adapter_model.safetensors").write_bytes(b"")  # a LoRA file cut short
+    with pytest.raises(CheckpointError, match="cannot read .*adapter_model.safetensors"):
+        load_checkpoint(damaged)
+
+
+def test_loading_a_lora_checkpoint_is_quiet(stage1, speech_data, tmp_path):
+    import warnings
+
+    _, s1 = stage1
+    path = train(TrainConfig(stage=2, init=str(s1), data=str(speech_data / "conv.jsonl"), out=str(tmp_path / "s2"),
+                             steps=1, batch_size=2, warmup=1, lora_rank=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_checkpoint(path)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]

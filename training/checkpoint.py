@@ -183,9 +183,14 @@ def load_checkpoint(path, merge_lora: bool = False, trainable: bool = False):
     if mode == "full":
         llm.load_state_dict(_load_weights(path / "llm.safetensors"), strict=False)
     elif mode == "lora":
+        import warnings
+
         from peft import PeftModel
 
-        llm = PeftModel.from_pretrained(llm, str(path / "lora"), is_trainable=trainable)
+        _load_weights(path / "lora" / "adapter_model.safetensors")  # a damaged file: one line, not peft's traceback
+        with warnings.catch_warnings():  # peft reads a property transformers has deprecated; not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            llm = PeftModel.from_pretrained(llm, str(path / "lora"), is_trainable=trainable)
         if merge_lora:
             llm = llm.merge_and_unload()
     decoder = queries = None
