@@ -63,7 +63,8 @@ def _check_llm_parity(model, tokenizer, gguf: Path, onnx_rows: np.ndarray, gguf_
     kl = max(0.0, float((p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum()))  # >= 0 up to rounding
     tol = {"f32": 1e-3, "f16": 3e-2}.get(gguf_type)
     if tol is None:  # quantized: the loss is measured and reported, judged by the benchmarks
-        log.info("%s GGUF: KL to torch %.4f, max logit difference %.3g", gguf_type, kl, max_diff)
+        log.info("%s GGUF%s: KL to torch %.4f, max logit difference %.3g", gguf_type, " + LoRA" if lora else "", kl,
+                 max_diff)
     elif int(np.argmax(got)) != int(np.argmax(want)) or rel > tol:
         raise ExportError(f"{gguf_type} GGUF disagrees with torch: top-1 {int(np.argmax(got))} vs "
                           f"{int(np.argmax(want))}, max logit difference {max_diff:.3g} ({rel:.2%} of scale)")
