@@ -157,7 +157,9 @@ def _plain_llama_rate(cfg: BenchConfig) -> dict:
     import llama_cpp
 
     from .bundle import read_bundle
+    from .llm import _route_llama_logs
 
+    _route_llama_logs(llama_cpp)  # llama.cpp's load messages (e.g. about a LoRA's buffers) to logging, as the runtime
     b = read_bundle(cfg.bundle, verify=False)
     llm = llama_cpp.Llama(model_path=str(b.llm), n_ctx=2048, n_threads=cfg.threads, n_threads_batch=cfg.threads,
                           lora_path=str(b.llm_lora) if b.llm_lora else None, verbose=False)
