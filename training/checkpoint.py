@@ -187,10 +187,13 @@ def load_checkpoint(path, merge_lora: bool = False, trainable: bool = False):
 
         from peft import PeftModel
 
-        _load_weights(path / "lora" / "adapter_model.safetensors")  # a damaged file: one line, not peft's traceback
         with warnings.catch_warnings():  # peft reads a property transformers has deprecated; not the user's concern
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            llm = PeftModel.from_pretrained(llm, str(path / "lora"), is_trainable=trainable)
+            try:
+                llm = PeftModel.from_pretrained(llm, str(path / "lora"), is_trainable=trainable)
+            except Exception:
+                _load_weights(path / "lora" / "adapter_model.safetensors")  # a damaged file: one line naming it
+                raise
         if merge_lora:
             llm = llm.merge_and_unload()
     decoder = queries = None
