@@ -1,6 +1,6 @@
 """The default bundle: built once, on first use, from the packaged base weights + the release checkpoint.
 
-The release checkpoint (export/release/default: config + adaptor weights, a few MB) is the one trained binary
+The release checkpoint (export/release/default: config, adaptor and LoRA weights, 35 MB) is the one trained binary
 in the repository; its config names its bases as `package:` specs, so nothing is downloaded from a hub.
 """
 from __future__ import annotations
