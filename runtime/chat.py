@@ -209,9 +209,7 @@ class Chat:
         return fed
 
     def _prefill(self, items: list) -> None:
-        llm = self.model.llm
-        for f in items:
-            (llm.eval_embeddings if isinstance(f, np.ndarray) else llm.eval_tokens)(f)
+        self.model.llm.eval(items)
 
     def _load(self, items: list) -> int:
         """Make the KV cache hold exactly `items`, keeping the longest token prefix it already holds
@@ -227,13 +225,14 @@ class Chat:
             if n < len(f):
                 break
         llm.truncate(same)
-        skip = same
+        skip, rest = same, []
         for f in items:
             if skip >= len(f):
                 skip -= len(f)
                 continue
-            self._prefill([f[skip:]])
+            rest.append(f[skip:])
             skip = 0
+        self._prefill(rest)
         return llm.n_past - same
 
     def _sync(self) -> None:

@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from .token_rows import TokenRows, TokenRowsError
+
 log = logging.getLogger(__name__)
 
 EMBEDDING = -1  # cache entry of a position filled from an embedding row
@@ -71,6 +73,9 @@ class LLM:
         self._tokens = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._embeds = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
         self.cache: list[int] = []
+        self.decodes = 0  # llama_decode calls made
+        self.token_rows = None  # TokenRows, once warm_up has checked they reproduce the token path
+        self._path = path
 
     @property
     def n_past(self) -> int:
@@ -103,6 +108,7 @@ class LLM:
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = i == n - 1
+        self.decodes += 1
         rc = self._lib.llama_decode(self.ctx, batch)
         if rc != 0:
             self.truncate(self.n_past)  # drop whatever the failed batch may have left in the KV cache
@@ -117,17 +123,40 @@ class LLM:
             self._decode(self._tokens, len(chunk), "tokens")
             self.cache.extend(chunk)
 
-    def eval_embeddings(self, rows: np.ndarray) -> None:
-        """(n, n_embd) rows in the LLM's input-embedding space, fed in batches of at most n_batch."""
+    def eval_embeddings(self, rows: np.ndarray, ids: list[int] | None = None) -> None:
+        """(n, n_embd) rows in the LLM's input-embedding space, fed in batches of at most n_batch. ids: what the
+        cache records for each row (a token id where the row is that token's own embedding), else EMBEDDING."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.n_embd:
             raise LLMError(f"embedding rows have shape {rows.shape}, the LLM takes (n, {self.n_embd})")
+        ids = [EMBEDDING] * rows.shape[0] if ids is None else ids
+        assert len(ids) == rows.shape[0]
         self._room(rows.shape[0])
         for start in range(0, rows.shape[0], self.n_batch):
             chunk = rows[start:start + self.n_batch]
             ctypes.memmove(self._embeds.embd, chunk.ctypes.data, chunk.nbytes)
             self._decode(self._embeds, chunk.shape[0], "embedding rows")
-            self.cache.extend([EMBEDDING] * chunk.shape[0])
+            self.cache.extend(ids[start:start + self.n_batch])
+
+    def eval(self, items: list) -> None:
+        """Token lists and embedding arrays, in order. Audio among text goes as one embedding batch, the text as
+        the model's own token rows: one llama_decode (per n_batch rows) instead of one per item."""
+        items = [f for f in items if len(f)]
+        if self.token_rows is None or all(not isinstance(f, np.ndarray) for f in items):
+            tokens: list[int] = []  # adjacent token lists go as one batch
+            for f in items + [None]:
+                if f is not None and not isinstance(f, np.ndarray):
+                    tokens += list(f)
+                    continue
+                if tokens:
+                    self.eval_tokens(tokens)
+                    tokens = []
+                if f is not None:
+                    self.eval_embeddings(f)
+            return
+        rows = [f if isinstance(f, np.ndarray) else self.token_rows.rows(f) for f in items]
+        ids = [i for f in items for i in ([EMBEDDING] * len(f) if isinstance(f, np.ndarray) else f)]
+        self.eval_embeddings(np.concatenate(rows), ids)
 
     def logits(self, copy: bool = True) -> np.ndarray:
         """Logits after the last evaluated position, (n_vocab,) float32. copy=False: a view into llama.cpp's
@@ -143,10 +172,26 @@ class LLM:
         del self.cache[n:]
 
     def warm_up(self) -> None:
-        """One decode of each kind, so the first real question does not pay for lazy initialisation."""
+        """One decode of each kind, so the first real question does not pay for lazy initialisation; and the token
+        rows read from the GGUF are used only where, fed as embeddings, they give the token path's logits."""
         n = self.n_past
-        self.eval_tokens(self.tokenize("Hello") or [0])
-        self.eval_embeddings(np.zeros((2, self.n_embd), dtype=np.float32))
+        ids = self.tokenize("Hello") or [0]
+        self.eval_tokens(ids)
+        want = self.logits()
+        self.truncate(n)
+        try:
+            rows = TokenRows(self._path)
+            if rows.n_embd != self.n_embd:
+                raise TokenRowsError(f"token rows have {rows.n_embd} columns, the LLM takes {self.n_embd}")
+            self.eval_embeddings(rows.rows(ids))
+            diff = float(np.abs(self.logits(copy=False) - want).max())
+            if diff <= 1e-4 * max(1.0, float(np.abs(want).max())):
+                self.token_rows = rows
+            else:
+                log.info("token rows from the GGUF change the logits by %.3g: text goes as tokens", diff)
+        except TokenRowsError as e:
+            self.eval_embeddings(np.zeros((2, self.n_embd), dtype=np.float32))
+            log.info("text goes to llama.cpp as tokens (%s)", e)
         self.truncate(n)
 
     def close(self) -> None:

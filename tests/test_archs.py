@@ -79,3 +79,32 @@ def test_arch_trains_and_matches_llama_cpp(arch, tmp_path):
     want = model.logits(torch.cat(parts)[None])[0, -1].numpy()
     assert int(got.argmax()) == int(want.argmax())
     assert np.abs(got - want).max() < 2e-3 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3"])
+def test_token_rows_from_the_gguf_give_the_token_path(arch, dtype, tmp_path):
+    """Text fed as the GGUF's own token rows (dequantized; Gemma's scaled by sqrt(d) as llama.cpp scales token
+    input) gives exactly the token path's logits, so a turn's text and audio can share one llama_decode."""
+    from llasm.export.quantize import quantize_gguf
+    from llasm.runtime.token_rows import TokenRows
+
+    tok = tiny.tokenizer()
+    path = tmp_path / "llm.gguf"
+    write_gguf(tiny.lm(arch, len(tok)), tok, path, dtype="f32")
+    if dtype != "f32":
+        quantize_gguf(path, tmp_path / f"{dtype}.gguf", dtype)
+        path = tmp_path / f"{dtype}.gguf"
+    rows = TokenRows(path)
+    assert rows.qtype.name == dtype.upper()
+    llm = LLM(path, n_ctx=256, n_batch=64)
+    ids = llm.tokenize("<|im_start|>user\nWhat is this?<|im_end|>\n<|im_start|>assistant\n")
+    llm.eval_tokens(ids)
+    want = llm.logits()
+    llm.truncate(0)
+    llm.eval_embeddings(rows.rows(ids))
+    np.testing.assert_array_equal(llm.logits(), want)
+    llm.truncate(0)
+    llm.warm_up()
+    assert llm.token_rows is not None
+    llm.close()

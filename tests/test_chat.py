@@ -1,4 +1,5 @@
 """Conversation state: context overflow drops the oldest turns, abandoned or cancelled streams stay consistent."""
+import struct
 import threading
 
 import numpy as np
@@ -9,7 +10,8 @@ pytest.importorskip("onnxruntime")
 
 import tiny  # noqa: E402
 from llasm.runtime.chat import LLaSM  # noqa: E402
-from llasm.runtime.llm import LLM, ContextFull  # noqa: E402
+from llasm.runtime.llm import EMBEDDING, LLM, ContextFull  # noqa: E402
+from llasm.runtime.token_rows import TokenRows, TokenRowsError  # noqa: E402
 
 
 def _cache_matches_history(model, chat):
@@ -104,6 +106,47 @@ def test_new_conversations_reuse_the_cached_system_prompt(bundle):
     other.send(text="hi", max_tokens=2)
     _cache_matches_history(model, other)
     model.close()
+
+
+def test_a_spoken_turn_is_one_decode_with_the_per_segment_result(bundle):
+    model = LLaSM.load(bundle)
+    llm = model.llm
+    assert llm.token_rows is not None  # warm_up checked the GGUF's token rows against the token path
+    head, tail = llm.tokenize("<|im_start|>user\n"), llm.tokenize("<|im_end|>\n<|im_start|>assistant\n")
+    audio = model.encoder(tiny.speech(1.2))
+    items = [head, audio, llm.tokenize("\nWhat is it?"), tail]
+    start, decodes = llm.n_past, llm.decodes
+    llm.eval(items)
+    assert llm.decodes == decodes + 1
+    assert llm.cache[start:] == head + [EMBEDDING] * len(audio) + items[2] + tail  # token ids stay reusable
+    fresh = LLM(model.bundle.llm, n_ctx=llm.n_ctx)  # no warm_up: no token rows, one decode per segment
+    fresh.eval_tokens(llm.cache[:start])
+    decodes = fresh.decodes
+    fresh.eval(items)
+    assert fresh.decodes == decodes + 3  # adjacent token lists still go together
+    assert fresh.cache == llm.cache
+    np.testing.assert_allclose(fresh.logits(), llm.logits(), atol=1e-4)
+    fresh.close()
+    model.close()
+
+
+def test_token_rows_that_change_the_logits_are_not_used(bundle, monkeypatch):
+    monkeypatch.setattr(TokenRows, "rows", lambda self, ids: np.ones((len(ids), self.n_embd), np.float32))
+    model = LLaSM.load(bundle)
+    assert model.llm.token_rows is None
+    reply = model.chat().send(audio=tiny.speech(1.0), text="hi", max_tokens=3)
+    assert reply.tokens > 0
+    model.close()
+
+
+def test_a_file_without_token_rows_is_one_line_error(tmp_path):
+    bad = tmp_path / "llm.gguf"
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))  # a valid header with no tensors
+    with pytest.raises(TokenRowsError, match="no token_embd.weight tensor"):
+        TokenRows(bad)
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(TokenRowsError, match="not a GGUF file"):
+        TokenRows(bad)
 
 
 def test_a_new_chat_is_not_refused_for_another_chats_long_history(bundle):
