@@ -27,6 +27,8 @@ class AudioEncoder:
         if n_threads:
             opts.intra_op_num_threads = n_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # onnxruntime's workers spin after a run by default; here llama.cpp's prefill comes next on the same cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=providers())
         self.geometry = geometry
         inp = self.session.get_inputs()[0]
