@@ -364,8 +364,10 @@ def test_averaged_checkpoint_holds_the_mean_of_adaptor_and_lora(stage1, speech_d
     _, s1 = stage1
     runs = [train(TrainConfig(stage=2, init=str(s1), data=str(speech_data / "conv.jsonl"), out=str(tmp_path / f"r{i}"),
                               steps=2, batch_size=2, lr=1e-2, warmup=1, lora_rank=4, seed=i)) for i in (1, 2)]
+    (runs[0] / "lora" / "README.md").write_text("peft's model card, as older checkpoints hold")
     train_main(["average", str(runs[0]), str(runs[1]), "-o", str(tmp_path / "soup")])
     soup = tmp_path / "soup"
+    assert sorted(f.name for f in (soup / "lora").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     for rel in ("adaptor.safetensors", "lora/adapter_model.safetensors"):
         a, b, mean = (load_file(str(d / rel)) for d in (*runs, soup))
         assert mean.keys() == a.keys() and any(not torch.equal(a[k], b[k]) for k in a)

@@ -24,6 +24,7 @@ from .base import load_llm, load_whisper, load_whisper_decoder
 from .model import LLaSMConfig, LLaSMModel
 
 TRAINER_STATE = "trainer_state.pt"  # optimizer, scheduler, step, RNG: for resuming; not needed to export
+PEFT_CARD = Path("lora") / "README.md"  # peft's blank model card, naming a local path: never kept
 FORMAT = "llasm-checkpoint"
 VERSION = 1
 
@@ -48,7 +49,7 @@ def save_checkpoint(model: LLaSMModel, out_dir, base: dict, train: dict | None =
                   str(tmp / "adaptor.safetensors"))
         if llm_mode == "lora":
             model.llm.save_pretrained(str(tmp / "lora"))
-            (tmp / "lora" / "README.md").unlink(missing_ok=True)  # peft's blank model card, naming a local path
+            (tmp / PEFT_CARD).unlink(missing_ok=True)
         elif llm_mode == "full":
             state = {k: v.detach().contiguous().cpu() for k, v in model.llm.state_dict().items()}
             if getattr(model.llm.config, "tie_word_embeddings", False):
@@ -133,7 +134,8 @@ def average_checkpoints(paths, out_dir) -> Path:
             save_file(mean, str(tmp / rel))
         for f in paths[0].rglob("*"):  # the rest, e.g. lora/adapter_config.json; never the trainer state
             rel = f.relative_to(paths[0])
-            if f.is_file() and f.suffix != ".safetensors" and rel.name not in ("config.json", TRAINER_STATE):
+            if f.is_file() and f.suffix != ".safetensors" and rel.name not in ("config.json", TRAINER_STATE) \
+                    and rel != PEFT_CARD:  # left by checkpoints saved before the card was dropped
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, tmp / rel)
         sources = [{"path": str(p), "digest": c.get("train", {}).get("digest"), "step": c.get("train", {}).get("step"),
