@@ -6,9 +6,15 @@ import sys
 from contextlib import contextmanager
 
 
+# libraries whose INFO messages are their own bookkeeping, not progress a user follows (shown with -v)
+CHATTY = ("gguf",)
+
+
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else max(level, logging.WARNING))
 
 
 def known_errors() -> tuple:

@@ -134,3 +134,18 @@ def test_no_default_model_is_one_clear_line(tmp_path, monkeypatch, capsys):
         local.main(["--text", "hi"])
     r = subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err)
     assert "no default model ships" in _one_line_error(r, "llasm-local")
+
+
+def test_library_bookkeeping_is_shown_only_with_verbose():
+    import logging
+
+    from llasm.cli.common import setup_logging
+
+    gguf_log = logging.getLogger("gguf")  # "Writing the following files:" on every GGUF written
+    try:
+        setup_logging()
+        assert not gguf_log.isEnabledFor(logging.INFO) and gguf_log.isEnabledFor(logging.WARNING)
+        setup_logging(verbose=True)
+        assert gguf_log.isEnabledFor(logging.DEBUG)
+    finally:
+        gguf_log.setLevel(logging.NOTSET)
