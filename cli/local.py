@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import json
 import shlex
@@ -143,29 +142,10 @@ def interactive(chat, args, recorder=None, read_line=input, err=None) -> None:
 
 
 def _default_bundle():
-    """The default bundle, built on first use and again when this llasm ships a newer release checkpoint (both
-    need the export and base extras). A bundle of the user's own at $LLASM_BUNDLE is used as it is."""
-    from ..export.default import RELEASE, stale_release
-    from ..runtime.chat import default_bundle_path
+    from ..export.default import default_bundle
 
-    path = default_bundle_path()
-    if path.is_dir() and not stale_release(path):
-        return path
-    if not (RELEASE / "config.json").is_file():
-        raise ValueError("no default model ships with this llasm yet: pass --bundle DIR (llasm-export builds one)")
-    missing = [m for m in ("torch", "onnx", "transformers") if importlib.util.find_spec(m) is None]
-    if missing:  # the build traces the encoder with torch and loads the bases with transformers
-        if path.is_dir():  # built from an earlier release: still a working model
-            print(f"{PROG}: the default bundle is from an earlier release; rebuilding it needs "
-                  f"'llasm[export,base]' ({missing[0]} is missing)", file=sys.stderr)
-            return path
-        raise ValueError(f"the default bundle is built on first use and that needs {missing[0]}: "
-                         "pip install torch==2.13.0 && pip install 'llasm[export,base]'")
-    from ..export.default import ensure_default_bundle
-
-    logging.getLogger().setLevel(logging.INFO)  # building takes minutes: show its progress
-    print(f"{PROG}: building the default bundle into {path} ...", file=sys.stderr)
-    return ensure_default_bundle()
+    logging.getLogger("llasm.export").setLevel(logging.INFO)  # a first-use build takes a minute: show its progress
+    return default_bundle()
 
 
 def main(argv=None) -> None:

@@ -5,6 +5,7 @@ in the repository; its config names its bases as `package:` specs, so nothing is
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -53,3 +54,25 @@ def ensure_default_bundle(rebuild: bool = False) -> Path:
     export_bundle(RELEASE, out, onnx_precision=ONNX_PRECISION, gguf_type="auto", overwrite=True,
                   release=RELEASE_NAME)
     return out
+
+
+def default_bundle() -> Path:
+    """The bundle that `LLaSM.load()` and `llasm-local` use when none is named: the default bundle, built on first use
+    and again when this llasm ships a newer release checkpoint. Building needs the export and base extras; without
+    them a bundle built earlier is used as it is. A bundle of the user's own at $LLASM_BUNDLE is never rebuilt.
+    Importing this module loads no torch: only a build does."""
+    path = default_bundle_path()
+    if path.is_dir() and not stale_release(path):
+        return path
+    if not (RELEASE / "config.json").is_file():
+        raise BundleError("no default model ships with this llasm yet: name a bundle directory (llasm-export builds "
+                          "one)")
+    missing = [m for m in ("torch", "onnx", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:  # the build traces the encoder with torch and loads the bases with transformers
+        if path.is_dir():
+            log.warning("the default bundle is from an earlier release; rebuilding it needs 'llasm[export,base]' "
+                        "(%s is missing)", missing[0])
+            return path
+        raise BundleError(f"the default bundle is built on first use and that needs {missing[0]}: "
+                          "pip install torch==2.13.0 && pip install 'llasm[export,base]'")
+    return ensure_default_bundle()

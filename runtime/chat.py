@@ -80,10 +80,14 @@ class LLaSM:
     @classmethod
     def load(cls, bundle=None, n_threads: int | None = None, n_gpu_layers: int = 0, n_ctx: int = 4096,
              verify: bool = True, verbose: bool = False) -> "LLaSM":
-        path = Path(bundle) if bundle is not None else default_bundle_path()
-        if bundle is None and not path.is_dir():
-            raise BundleError(f"no default bundle at {path}: run llasm-local once to build it, pass a bundle "
-                              f"directory (llasm-export builds one) or set {DEFAULT_BUNDLE_ENV}")
+        """bundle: a bundle directory. None: the default bundle, built on first use (that needs the export and base
+        extras). This is runtime's one use of export; it loads torch only to build."""
+        if bundle is None:
+            from ..export.default import default_bundle
+
+            path = default_bundle()
+        else:
+            path = Path(bundle)
         b = read_bundle(path, verify=verify)
         encoder = AudioEncoder(b.audio_encoder, b.geometry, n_threads=n_threads)
         if encoder.n_embd != b.n_embd:

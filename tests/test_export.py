@@ -151,6 +151,42 @@ def test_default_bundle_is_built_once_on_first_use_and_again_for_a_new_release(c
     assert (path / "manifest.json").stat().st_mtime_ns != stamp
 
 
+def test_the_api_builds_the_default_bundle_on_first_use(checkpoint, tmp_path, monkeypatch):
+    import llasm.export.default as default
+    from llasm import LLaSM
+
+    monkeypatch.setattr(default, "RELEASE", checkpoint)
+    monkeypatch.setenv("LLASM_BUNDLE", str(tmp_path / "cache" / "default"))
+    model = LLaSM.load()  # no bundle named, none built yet
+    assert model.bundle.path == tmp_path / "cache" / "default"
+    assert model.chat().send(text="hi", max_tokens=2).tokens == 2
+    model.close()
+
+
+def test_without_the_build_extras_the_default_bundle_is_one_clear_error(checkpoint, bundle, tmp_path, monkeypatch,
+                                                                         caplog):
+    import importlib.util
+
+    import llasm.export.default as default
+    from llasm.runtime.bundle import BundleError
+
+    monkeypatch.setattr(default, "RELEASE", checkpoint)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    monkeypatch.setenv("LLASM_BUNDLE", str(tmp_path / "none"))
+    with pytest.raises(BundleError, match="built on first use and that needs torch: pip install"):
+        default.default_bundle()
+    assert not (tmp_path / "none").exists()
+    earlier = tmp_path / "earlier"  # a bundle built from an earlier release: still used, with a warning
+    shutil.copytree(bundle, earlier)
+    manifest = json.loads((earlier / "manifest.json").read_text())
+    manifest["provenance"].update(release=default.RELEASE_NAME, train_step=-1)
+    (earlier / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("LLASM_BUNDLE", str(earlier))
+    assert default.stale_release(earlier)
+    assert default.default_bundle() == earlier and "needs 'llasm[export,base]'" in caplog.text
+
+
 def test_a_bundle_of_the_users_own_is_never_replaced_by_the_release(checkpoint, bundle, tmp_path, monkeypatch,
                                                                    capsys):
     import llasm.export.default as default
