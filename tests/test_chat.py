@@ -130,6 +130,14 @@ def test_a_spoken_turn_is_one_decode_with_the_per_segment_result(bundle):
     model.close()
 
 
+def test_the_audio_encoder_does_not_spin_after_a_run(bundle):
+    """onnxruntime's workers spin after each run by default, on the cores llama.cpp's prefill needs next."""
+    model = LLaSM.load(bundle)
+    options = model.encoder.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    model.close()
+
+
 def test_token_rows_that_change_the_logits_are_not_used(bundle, monkeypatch):
     monkeypatch.setattr(TokenRows, "rows", lambda self, ids: np.ones((len(ids), self.n_embd), np.float32))
     model = LLaSM.load(bundle)
