@@ -29,9 +29,13 @@ class _Reader:
     def __init__(self, buf):
         self.buf, self.pos = buf, 0
 
-    def take(self, fmt: str):
+    def many(self, fmt: str) -> tuple:
         out = struct.unpack_from("<" + fmt, self.buf, self.pos)
         self.pos += struct.calcsize("<" + fmt)
+        return out
+
+    def take(self, fmt: str):
+        out = self.many(fmt)
         return out[0] if len(out) == 1 else out
 
     def string(self) -> bytes:
@@ -81,10 +85,11 @@ class TokenRows:
                 raise TokenRowsError(f"{TENSOR} rows of {n_embd} do not fill {block}-wide blocks")
             shape = (n_vocab, n_embd // block * size)
             self._data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
-        except (OSError, ValueError, struct.error) as e:  # TokenRowsError is a ValueError
+            self.arch, self.n_embd, self.n_vocab = arch, n_embd, n_vocab
+            self.scale = np.float32(math.sqrt(n_embd)) if arch in SQRT_SCALED else None
+            self.rows([0])  # gguf-py dequantizes this type (it raises NotImplementedError for a few)
+        except (OSError, ValueError, NotImplementedError, struct.error) as e:  # TokenRowsError is a ValueError
             raise TokenRowsError(f"cannot read {TENSOR} from {path}: {e}") from None
-        self.arch, self.n_embd, self.n_vocab = arch, n_embd, n_vocab
-        self.scale = np.float32(math.sqrt(n_embd)) if arch in SQRT_SCALED else None
 
     @staticmethod
     def _locate(buf) -> tuple:
@@ -107,7 +112,7 @@ class TokenRows:
         found = None
         for _ in range(n_tensors):
             name, n_dims = r.string(), r.take("I")
-            dims = r.take(f"{n_dims}Q") if n_dims > 1 else (r.take("Q"),)
+            dims = r.many(f"{n_dims}Q")
             qtype, offset = r.take("IQ")
             if name == TENSOR.encode():
                 if n_dims != 2:
@@ -124,5 +129,5 @@ class TokenRows:
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_vocab):
             raise TokenRowsError(f"token ids must lie in [0, {self.n_vocab}), got {ids.min()}..{ids.max()}")
         out = self._gguf.quants.dequantize(np.asarray(self._data[ids]), self.qtype)
-        out = np.ascontiguousarray(out, dtype=np.float32).reshape(ids.size, self.n_embd)  # f32: a view of the map
+        out = np.ascontiguousarray(out, dtype=np.float32).reshape(ids.size, self.n_embd)
         return out * self.scale if self.scale is not None else out
