@@ -401,6 +401,26 @@ def test_averaged_checkpoint_holds_the_mean_of_adaptor_and_lora(stage1, speech_d
         load_checkpoint(damaged)
 
 
+def test_saving_a_lora_checkpoint_never_asks_the_hub(stage1, speech_data, tmp_path, monkeypatch):
+    import peft.utils.save_and_load as peft_save
+
+    from llasm.training.checkpoint import save_checkpoint
+    from llasm.training.trainer import set_trainable
+
+    def no_hub(*args, **kw):
+        raise AssertionError("peft asked the Hugging Face Hub")
+
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_hub)
+    _, s1 = stage1
+    cfg = TrainConfig(stage=2, init=str(s1), data=str(speech_data / "conv.jsonl"), out=str(tmp_path / "s2"),
+                      lora_rank=4)
+    model, _, base = build_model(cfg)
+    set_trainable(model, cfg)
+    model.llm.peft_config["default"].base_model_name_or_path = str(tmp_path)  # no config.json there: a GGUF base
+    path = save_checkpoint(model, tmp_path / "s2", base, llm_mode="lora")
+    assert (path / "lora" / "adapter_model.safetensors").is_file()
+
+
 def test_loading_a_lora_checkpoint_is_quiet(stage1, speech_data, tmp_path):
     import warnings
 

@@ -48,7 +48,9 @@ def save_checkpoint(model: LLaSMModel, out_dir, base: dict, train: dict | None =
         save_file({k: v.detach().contiguous().cpu() for k, v in saved_state(model.adaptor).items()},
                   str(tmp / "adaptor.safetensors"))
         if llm_mode == "lora":
-            model.llm.save_pretrained(str(tmp / "lora"))
+            # save_embedding_layers=False: we never resize the vocabulary, and "auto" makes peft ask the Hugging Face
+            # Hub whether the base's config exists whenever its directory has no config.json (a GGUF base)
+            model.llm.save_pretrained(str(tmp / "lora"), save_embedding_layers=False)
             (tmp / PEFT_CARD).unlink(missing_ok=True)
         elif llm_mode == "full":
             state = {k: v.detach().contiguous().cpu() for k, v in model.llm.state_dict().items()}
