@@ -142,13 +142,13 @@ def interactive(chat, args, recorder=None, read_line=input, err=None) -> None:
 
 
 def _default_bundle():
-    from ..export.default import default_bundle
+    from ..export.default import ensure_default_bundle
 
     llasm_log = logging.getLogger("llasm")
     level = llasm_log.level
     llasm_log.setLevel(logging.INFO)  # a first-use build takes a minute: show its progress
     try:
-        return default_bundle()
+        return ensure_default_bundle()
     finally:
         llasm_log.setLevel(level)
 

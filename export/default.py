@@ -36,43 +36,36 @@ def stale_release(path: Path) -> bool:
 
 
 def ensure_default_bundle(rebuild: bool = False) -> Path:
-    """The default bundle's directory, building it first if it is missing, broken or from an earlier release."""
+    """The bundle that `LLaSM.load()` and `llasm-local` use when none is named: the default bundle's directory, built
+    first if it is missing, broken or from an earlier release. Building needs the export and base extras; without
+    them a bundle from an earlier release is used as it is. A bundle of the user's own at $LLASM_BUNDLE is never
+    stale. Importing this module loads no torch: only a build does."""
     out = default_bundle_path()
+    stale, why = False, None
     if out.is_dir() and not rebuild:
         try:
             read_bundle(out, verify=False)
             if not stale_release(out):
                 return out
-            log.warning("rebuilding the default bundle: this llasm ships a newer release checkpoint")
+            stale, why = True, "this llasm ships a newer release checkpoint"
         except BundleError as e:
-            log.warning("rebuilding the default bundle: %s", e)
+            why = str(e)
     if not (RELEASE / "config.json").is_file():
-        raise BundleError(f"no release checkpoint at {RELEASE}: this llasm has no default model")
+        raise BundleError("no default model ships with this llasm yet: name a bundle directory (llasm-export builds "
+                          "one)")
+    missing = [m for m in ("torch", "onnx", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:  # the build traces the encoder with torch and loads the bases with transformers
+        if stale:
+            log.warning("the default bundle is from an earlier release; rebuilding it needs 'llasm[export,base]' "
+                        "(%s is missing)", missing[0])
+            return out
+        raise BundleError(f"the default bundle is built on first use and that needs {missing[0]}: "
+                          "pip install torch==2.13.0 && pip install 'llasm[export,base]'")
+    if why:
+        log.warning("rebuilding the default bundle: %s", why)
     from .bundle import export_bundle
 
     log.info("building the default bundle once into %s (a few minutes)", out)
     export_bundle(RELEASE, out, onnx_precision=ONNX_PRECISION, gguf_type="auto", overwrite=True,
                   release=RELEASE_NAME)
     return out
-
-
-def default_bundle() -> Path:
-    """The bundle that `LLaSM.load()` and `llasm-local` use when none is named: the default bundle, built on first use
-    and again when this llasm ships a newer release checkpoint. Building needs the export and base extras; without
-    them a bundle built earlier is used as it is. A bundle of the user's own at $LLASM_BUNDLE is never rebuilt.
-    Importing this module loads no torch: only a build does."""
-    path = default_bundle_path()
-    if path.is_dir() and not stale_release(path):
-        return path
-    if not (RELEASE / "config.json").is_file():
-        raise BundleError("no default model ships with this llasm yet: name a bundle directory (llasm-export builds "
-                          "one)")
-    missing = [m for m in ("torch", "onnx", "transformers") if importlib.util.find_spec(m) is None]
-    if missing:  # the build traces the encoder with torch and loads the bases with transformers
-        if path.is_dir():
-            log.warning("the default bundle is from an earlier release; rebuilding it needs 'llasm[export,base]' "
-                        "(%s is missing)", missing[0])
-            return path
-        raise BundleError(f"the default bundle is built on first use and that needs {missing[0]}: "
-                          "pip install torch==2.13.0 && pip install 'llasm[export,base]'")
-    return ensure_default_bundle()

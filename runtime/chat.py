@@ -83,9 +83,9 @@ class LLaSM:
         """bundle: a bundle directory. None: the default bundle, built on first use (that needs the export and base
         extras). This is runtime's one use of export; it loads torch only to build."""
         if bundle is None:
-            from ..export.default import default_bundle
+            from ..export.default import ensure_default_bundle
 
-            path = default_bundle()
+            path = ensure_default_bundle()
         else:
             path = Path(bundle)
         b = read_bundle(path, verify=verify)

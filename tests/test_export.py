@@ -161,6 +161,10 @@ def test_the_api_builds_the_default_bundle_on_first_use(checkpoint, tmp_path, mo
     assert model.bundle.path == tmp_path / "cache" / "default"
     assert model.chat().send(text="hi", max_tokens=2).tokens == 2
     model.close()
+    (tmp_path / "cache" / "default" / "manifest.json").write_text("{")  # broken, e.g. by a crash of another tool
+    model = LLaSM.load()  # rebuilt, not refused
+    assert model.chat().send(text="hi", max_tokens=2).tokens == 2
+    model.close()
 
 
 def test_without_the_build_extras_the_default_bundle_is_one_clear_error(checkpoint, bundle, tmp_path, monkeypatch,
@@ -175,7 +179,7 @@ def test_without_the_build_extras_the_default_bundle_is_one_clear_error(checkpoi
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
     monkeypatch.setenv("LLASM_BUNDLE", str(tmp_path / "none"))
     with pytest.raises(BundleError, match="built on first use and that needs torch: pip install"):
-        default.default_bundle()
+        default.ensure_default_bundle()
     assert not (tmp_path / "none").exists()
     earlier = tmp_path / "earlier"  # a bundle built from an earlier release: still used, with a warning
     shutil.copytree(bundle, earlier)
@@ -184,7 +188,7 @@ def test_without_the_build_extras_the_default_bundle_is_one_clear_error(checkpoi
     (earlier / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setenv("LLASM_BUNDLE", str(earlier))
     assert default.stale_release(earlier)
-    assert default.default_bundle() == earlier and "needs 'llasm[export,base]'" in caplog.text
+    assert default.ensure_default_bundle() == earlier and "needs 'llasm[export,base]'" in caplog.text
 
 
 def test_a_bundle_of_the_users_own_is_never_replaced_by_the_release(checkpoint, bundle, tmp_path, monkeypatch,
