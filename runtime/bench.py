@@ -210,7 +210,10 @@ def _in_child(fn, *args):
     """Run fn in a fresh process (its own peak RSS); its exception is raised here."""
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(fn, args)
+        result = pool.apply(fn, args)
+        pool.close()  # let the child exit on its own: a terminated child leaves its semaphores to the resource tracker
+        pool.join()
+    return result
 
 
 def run_bench(cfg: BenchConfig) -> BenchResult:
