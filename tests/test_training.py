@@ -67,6 +67,33 @@ def test_stage2_lora_changes_adaptor_and_lora_only(stage1, speech_data, tmp_path
     assert all(any(t in k for t in targets) for k in llm_changed), sorted(llm_changed)
 
 
+@pytest.fixture(scope="module")
+def stage2_lora(stage1, speech_data, tmp_path_factory):
+    _, s1 = stage1
+    return train(TrainConfig(stage=2, init=str(s1), data=str(speech_data / "conv.jsonl"), steps=2, batch_size=2,
+                             lr=1e-2, warmup=1, lora_rank=4, out=str(tmp_path_factory.mktemp("ckpt") / "s2")))
+
+
+@pytest.mark.parametrize("stage, llm_mode", [(1, "lora"), (2, "frozen"), (2, "lora")])
+def test_a_run_from_a_lora_checkpoint_keeps_its_lora(stage, llm_mode, stage2_lora, speech_data, tmp_path):
+    """The checkpoint names the base LLM and one LoRA, so a run that starts from a LoRA checkpoint must carry that
+    LoRA on, never fold it into weights it does not save. At lr 0 nothing moves: the LLM must come out the same."""
+    path = train(TrainConfig(stage=stage, init=str(stage2_lora), data=str(speech_data / "conv.jsonl"),
+                             out=str(tmp_path / "again"), steps=1, batch_size=2, lr=0.0, warmup=1, lora_rank=4,
+                             llm_mode=llm_mode))
+    before, _, _ = load_checkpoint(stage2_lora, merge_lora=True)
+    after, _, config = load_checkpoint(path, merge_lora=True)
+    assert config["llm_mode"] == "lora"
+    assert _changed(_snapshot(before.llm), _snapshot(after.llm)) == set()
+
+
+def test_a_lora_stage_from_a_lora_checkpoint_needs_its_shape(stage2_lora, speech_data, tmp_path):
+    cfg = TrainConfig(stage=2, init=str(stage2_lora), data=str(speech_data / "conv.jsonl"), out=str(tmp_path / "x"),
+                      steps=1, batch_size=2, lora_rank=8)
+    with pytest.raises(ValueError, match="holds a rank-4 LoRA .* asks for rank 8"):
+        train(cfg)
+
+
 def test_labels_cover_assistant_tokens_only(tiny_bases, speech_data):
     cfg = TrainConfig(stage=1, data=str(speech_data / "conv.jsonl"), out="unused", **tiny_bases)
     model, tok, _ = build_model(cfg)

@@ -108,9 +108,9 @@ class TrainConfig:
 def build_model(cfg: TrainConfig) -> tuple[LLaSMModel, object, dict]:
     """A fresh model (from base models) or one loaded from cfg.init; -> (model, tokenizer, base specs)."""
     if cfg.init:
-        model, tokenizer, ckpt = load_checkpoint(cfg.init)
-        if hasattr(model.llm, "peft_config"):
-            model.llm = model.llm.merge_and_unload()
+        model, tokenizer, ckpt = load_checkpoint(cfg.init, trainable=True)
+        if hasattr(model.llm, "peft_config") and learned_llm_mode(cfg) == "full":
+            model.llm = model.llm.merge_and_unload()  # the whole LLM is trained and saved: the LoRA goes in it
         return model, tokenizer, ckpt["base"]
     encoder = load_whisper(cfg.whisper)
     decoder = queries = None
@@ -126,9 +126,21 @@ def build_model(cfg: TrainConfig) -> tuple[LLaSMModel, object, dict]:
     return LLaSMModel(mcfg, encoder, llm, decoder, queries), tokenizer, {"whisper": cfg.whisper, "llm": cfg.llm}
 
 
+def learned_llm_mode(cfg: TrainConfig) -> str:
+    """What of the LLM this stage trains: nothing (frozen, as in every stage 1), a LoRA, or all of it."""
+    return "frozen" if cfg.stage == 1 else cfg.llm_mode
+
+
 def set_trainable(model: LLaSMModel, cfg: TrainConfig) -> str:
-    """Wrap the LLM in LoRA when the stage trains it so, then freeze; -> the LLM mode written to the checkpoint."""
-    mode = "frozen" if cfg.stage == 1 else cfg.llm_mode
+    """Wrap the LLM in LoRA when the stage trains it so, then freeze; -> the LLM mode written to the checkpoint.
+    A LoRA that came with cfg.init stays the model's one adapter (a checkpoint names a base LLM and at most one
+    LoRA): a LoRA stage trains it on, a stage that leaves the LLM frozen keeps it as it is and saves it."""
+    mode = learned_llm_mode(cfg)
+    if hasattr(model.llm, "peft_config"):
+        if mode == "lora":
+            _check_lora_shape(model.llm.peft_config["default"], cfg)
+        freeze_for(model, mode)
+        return "lora"
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -137,6 +149,15 @@ def set_trainable(model: LLaSMModel, cfg: TrainConfig) -> str:
         model.llm = get_peft_model(model.llm, lora)
     freeze_for(model, mode)
     return mode
+
+
+def _check_lora_shape(have, cfg: TrainConfig) -> None:
+    targets = sorted(have.target_modules)
+    if (have.r, have.lora_alpha, targets) != (cfg.lora_rank, cfg.lora_alpha, sorted(cfg.lora_targets)):
+        raise ValueError(f"{cfg.init} holds a rank-{have.r} LoRA (alpha {have.lora_alpha}, on {', '.join(targets)}) "
+                         f"that this stage would train on, but the run asks for rank {cfg.lora_rank}, alpha "
+                         f"{cfg.lora_alpha}, on {', '.join(sorted(cfg.lora_targets))}: set lora_rank, lora_alpha and "
+                         "lora_targets to match, or llm_mode = \"full\"")
 
 
 def freeze_for(model: LLaSMModel, llm_mode: str) -> None:
@@ -219,7 +240,7 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
     if resume:
         model, tokenizer, ckpt = load_checkpoint(cfg.out, trainable=True)
         base, llm_mode, history = ckpt["base"], ckpt["llm_mode"], ckpt["train"]["loss"]
-        freeze_for(model, llm_mode)
+        freeze_for(model, learned_llm_mode(cfg))
         log.info("resuming %s from step %d", cfg.out, resume["step"])
     else:
         model, tokenizer, base = build_model(cfg)
@@ -229,10 +250,10 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
         model.llm.gradient_checkpointing_enable()
         if hasattr(model.llm, "enable_input_require_grads"):
             model.llm.enable_input_require_grads()
-    examples = _examples(cfg.data, model, llm_mode)
+    examples = _examples(cfg.data, model, learned_llm_mode(cfg))
     if not examples:
         raise ValueError(f"no usable training rows in {cfg.data}")
-    held_out = _examples(cfg.eval_data, model, llm_mode) if cfg.eval_data else []
+    held_out = _examples(cfg.eval_data, model, learned_llm_mode(cfg)) if cfg.eval_data else []
     evals = list(ckpt["train"].get("eval", [])) if resume else []
     collate = Collator(tokenizer, model.cfg.prompt, model.cfg.geometry)
     lengths = [example_length(ex) for ex in examples] if cfg.group_by_length else None
