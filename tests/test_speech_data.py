@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -246,6 +247,31 @@ def test_answer_sentences_keep_complete_plain_sentences():
     assert got == ["Paris is the capital of France.", "12 divided by 3 equals 4."]
     assert speech_data.answer_sentences("zh", "巴黎是法国的首都。是的。塞纳河流经巴黎市中心！它的长度", 200) == \
         ["巴黎是法国的首都。", "塞纳河流经巴黎市中心！"]
+
+
+def test_remix_source_joins_the_start_of_one_training_sentence_to_the_end_of_another(tmp_path):
+    config = fake_config(tmp_path, langs=("en", "zh"), limit=None, sources=("facts", "remix"), remix_count=15)
+    build(config, engines={"en": SineVoice(), "zh": SineVoice()}, progress=False)
+    check_dataset(config.out)  # no sentence on both sides of the split
+    train = rows(config.out, "train", "asr")
+    every = replace(config, sources=speech_data.DEFAULT_SOURCES)  # the pool: every training question of the corpus
+    questions = {lang: [s.text for s in speech_data.sentences(lang, every)
+                        if split_of(s.text, config.heldout_fraction) == "train"] for lang in config.langs}
+    for lang, joiner in (("en", " "), ("zh", "")):
+        remixes = [r["text"] for r in train if r["source"] == "remix" and r["lang"] == lang]
+        assert len(remixes) == len(set(map(normalize, remixes))) == 15
+        units = (lambda t: t.split()) if lang == "en" else list
+        for text in remixes:  # a training question's first units, then another's last ones
+            assert normalize(text) not in map(normalize, questions[lang])
+            assert any(text.startswith(joiner.join(units(a)[:2])) for a in questions[lang]), text
+            assert any(text.endswith(joiner.join(units(b)[-2:])) for b in questions[lang]), text
+    conv_audio = {r.get("audio") for split in MANIFESTS for r in rows(config.out, split, "conv")}
+    assert not conv_audio & {r["audio"] for r in train if r["source"] == "remix"}  # ASR rows only
+    again = fake_config(tmp_path, "again", langs=("en", "zh"), limit=None, sources=("facts", "remix"), remix_count=15)
+    build(again, engines={"en": SineVoice(), "zh": SineVoice()}, progress=False)
+    assert rows(again.out, "train", "asr") == train  # seeded: the same remixes on every machine
+    with pytest.raises(ValueError, match="remix_count must be >= 1"):
+        fake_config(tmp_path, sources=("remix",), remix_count=0)
 
 
 def test_answers_source_speaks_training_answers_as_asr_rows(tmp_path):

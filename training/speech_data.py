@@ -1,7 +1,8 @@
 """Offline speech-instruction data: packaged text -> TTS clips -> ASR and conversation manifests (see data.py).
 
     texts       chatterbot-corpus Q/A (en, zh), templated arithmetic, a few hand-written facts; optionally the
-                sentences of the LLM's answers to training questions, spoken as extra ASR-only rows
+                sentences of the LLM's answers to training questions, and remixes (the start of one training
+                sentence, the end of another), spoken as extra ASR-only rows
     split       sha1 of the normalized question decides train / held-out, so a sentence never lands on both sides
     clips       one clip per question: clips/<lang>-<id>.wav, 16 kHz mono; the id hashes voice, text and variation,
                 so an existing file is a finished clip and a rerun skips it
@@ -21,7 +22,7 @@ import random
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 LANGS = ("en", "zh")
 RESPONSES = ("corpus", "llm")
-SOURCES = ("chatterbot", "math", "facts", "answers")
+SOURCES = ("chatterbot", "math", "facts", "answers", "remix")
 DEFAULT_SOURCES = ("chatterbot", "math", "facts")
 KINDS = ("speech", "speech+instruction", "instruction+speech", "text")
 MAX_CLIP_S = 30.0  # one Whisper window
@@ -99,6 +100,7 @@ class BuildConfig:
     sources: tuple = DEFAULT_SOURCES
     math_count: int = 200  # arithmetic questions generated per language
     max_chars: int = 200  # longer questions are not spoken
+    remix_count: int = 1000  # remixed sentences per language, with the "remix" source
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -117,6 +119,8 @@ class BuildConfig:
             raise ValueError(f"responses must be one of {RESPONSES}, got {self.responses!r}")
         if "answers" in self.sources and self.responses != "llm":
             raise ValueError("the 'answers' source speaks the LLM's cached answers: it needs responses 'llm'")
+        if self.remix_count < 1:
+            raise ValueError(f"remix_count must be >= 1, got {self.remix_count}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
 
@@ -275,6 +279,39 @@ def answer_texts(lang: str, known: dict, config: BuildConfig, spoken: set) -> li
     return [Sentence(lang, by_key[k], "answers", ()) for k in _seeded_order(by_key, "answers", lang, config)]
 
 
+REMIX_WORDS = {"en": (4, 20), "zh": (6, 30)}  # words (en) or characters (zh) of a remixed sentence
+
+
+def _units(lang: str, text: str) -> list[str]:
+    return text.split() if lang == "en" else list(text)
+
+
+def remix_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set) -> list[Sentence]:
+    """config.remix_count new ASR-only sentences, each the start of one training sentence followed by the end of
+    another ("What is the capital of" + "bees make?"): a model that has learnt its training sentences by heart
+    cannot finish these from their first words, it has to keep listening. `pool`: training sentences only, so no
+    part of a held-out sentence is spoken; a remix that the split rule would hold out, one already spoken
+    (`spoken`: normalized keys) and one that is a sentence of the pool are left out."""
+    lo, hi = REMIX_WORDS[lang]
+    spoken = spoken | {normalize(t) for t in pool}
+    pool = sorted({t for t in pool if len(_units(lang, t)) >= 3 and split_of(t, config.heldout_fraction) == "train"})
+    if len(pool) < 2:
+        return []
+    rng = random.Random(_stable_int("remix", lang, config.seed))
+    joiner = " " if lang == "en" else ""
+    out: dict[str, str] = {}
+    for _ in range(50 * config.remix_count):
+        if len(out) == config.remix_count:
+            break
+        a, b = (_units(lang, t) for t in rng.sample(pool, 2))
+        text = joiner.join(a[: rng.randint(2, len(a) - 1)] + b[rng.randint(1, len(b) - 2):])
+        key = normalize(text)
+        if lo <= len(_units(lang, text)) <= hi and len(text) <= config.max_chars and key not in spoken \
+                and key not in out and split_of(text, config.heldout_fraction) == "train":
+            out[key] = text
+    return [Sentence(lang, text, "remix", ()) for text in out.values()]
+
+
 # ---- answers -----------------------------------------------------------------------------------------------------
 
 class AnswerCache:
@@ -400,10 +437,19 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
         if s.source in QA_SOURCES and short:  # questions with a short checkable answer: spoken-QA evaluation
             manifests[split]["qa"].append({"audio": clip, "question": s.text, "answers": short, **meta})
 
+    spoken_keys = {s.key for _, s in plan}
+    extra = []
     if "answers" in config.sources:  # after the questions, so that this run's own answers are in the cache
-        spoken_keys = {s.key for _, s in plan}
-        extra = [s for lang in config.langs for s in answer_texts(lang, answers.known, config, spoken_keys)]
-        for s in tqdm(extra, desc="answer sentences", unit="clip", disable=not progress):
+        extra += [s for lang in config.langs for s in answer_texts(lang, answers.known, config, spoken_keys)]
+    if "remix" in config.sources:
+        for lang in config.langs:
+            every = sentences(lang, replace(config, sources=DEFAULT_SOURCES, limit=None))
+            pool = [s.text for s in every] + [s.text for s in extra if s.lang == lang]
+            if answers and "answers" not in config.sources:
+                pool += [s.text for s in answer_texts(lang, answers.known, config, spoken_keys)]
+            extra += remix_texts(lang, pool, config, spoken_keys | {s.key for s in extra})
+    if extra:
+        for s in tqdm(extra, desc="extra ASR sentences", unit="clip", disable=not progress):
             spoken = speak(s)
             if spoken is not None:
                 clip, audio_meta = spoken
@@ -444,6 +490,7 @@ def _write_metadata(config: BuildConfig, engines: dict[str, Engine], summary: Bu
         f"- Held out {heldout}.",
         f"- Responses: {config.responses}" + (" (cached in answers.jsonl)." if config.responses == "llm" else "."),
         f"- Texts: {', '.join(config.sources)} (chatterbot = chatterbot-corpus Q/A; math = templated arithmetic; "
-        f"answers = complete sentences of the cached LLM answers to training questions, ASR rows only).", "",
+        f"answers = complete sentences of the cached LLM answers to training questions, ASR rows only; remix = the "
+        f"start of one training sentence and the end of another, ASR rows only).", "",
     ]
     (config.out / "README.md").write_text("\n".join(readme), encoding="utf-8")
