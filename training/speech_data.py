@@ -442,11 +442,9 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
     if "answers" in config.sources:  # after the questions, so that this run's own answers are in the cache
         extra += [s for lang in config.langs for s in answer_texts(lang, answers.known, config, spoken_keys)]
     if "remix" in config.sources:
-        for lang in config.langs:
-            every = sentences(lang, replace(config, sources=DEFAULT_SOURCES, limit=None))
-            pool = [s.text for s in every] + [s.text for s in extra if s.lang == lang]
-            if answers and "answers" not in config.sources:
-                pool += [s.text for s in answer_texts(lang, answers.known, config, spoken_keys)]
+        for lang in config.langs:  # the pool: every training question of the corpus, and the cached answers
+            pool = [s.text for s in sentences(lang, replace(config, sources=DEFAULT_SOURCES, limit=None))]
+            pool += [s.text for s in answer_texts(lang, answers.known, config, spoken_keys)] if answers else []
             extra += remix_texts(lang, pool, config, spoken_keys | {s.key for s in extra})
     if extra:
         for s in tqdm(extra, desc="extra ASR sentences", unit="clip", disable=not progress):
