@@ -57,8 +57,10 @@ def main(argv=None) -> None:
                    help="texts to speak (default chatterbot,math,facts); 'answers' adds ASR-only rows speaking the "
                         "sentences of the cached LLM answers to training questions (needs --responses llm); 'remix' "
                         "adds ASR-only rows of new sentences, the start of one training sentence and the end of "
-                        "another (from the questions, and the cached answers if any)")
+                        "another (from the questions, and the cached answers if any); 'words' adds ASR-only rows of "
+                        "the same sentences' words in random order")
     b.add_argument("--remix-count", type=int, default=1000, help="remixed sentences per language (default 1000)")
+    b.add_argument("--words-count", type=int, default=1000, help="word lists per language (default 1000)")
     b.add_argument("--heldout", type=float, default=0.1, help="fraction of sentences held out (default 0.1)")
     b.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -70,7 +72,7 @@ def main(argv=None) -> None:
                              limit=args.limit, seed=args.seed, noise=args.noise, responses=args.responses,
                              engines=_engines(args.engines), heldout_fraction=args.heldout,
                              sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
-                             remix_count=args.remix_count)
+                             remix_count=args.remix_count, words_count=args.words_count)
         answer = _answerer(args) if args.responses == "llm" else None
         summary = build(config, answer=answer, progress=not args.quiet)
     print("\n".join(summary.lines()))

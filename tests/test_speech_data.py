@@ -270,8 +270,32 @@ def test_remix_source_joins_the_start_of_one_training_sentence_to_the_end_of_ano
     again = fake_config(tmp_path, "again", langs=("en", "zh"), limit=None, sources=("facts", "remix"), remix_count=15)
     build(again, engines={"en": SineVoice(), "zh": SineVoice()}, progress=False)
     assert rows(again.out, "train", "asr") == train  # seeded: the same remixes on every machine
-    with pytest.raises(ValueError, match="remix_count must be >= 1"):
+    with pytest.raises(ValueError, match="remix_count and words_count must be >= 1"):
         fake_config(tmp_path, sources=("remix",), remix_count=0)
+
+
+def test_words_source_speaks_training_words_in_random_order(tmp_path):
+    config = fake_config(tmp_path, langs=("en", "zh"), limit=None, sources=("facts", "words"), words_count=20)
+    build(config, engines={"en": SineVoice(), "zh": SineVoice()}, progress=False)
+    check_dataset(config.out)
+    train = rows(config.out, "train", "asr")
+    every = replace(config, sources=speech_data.DEFAULT_SOURCES)
+    for lang in config.langs:
+        questions = [s.text for s in speech_data.sentences(lang, every)]
+        trained = [q for q in questions if split_of(q, config.heldout_fraction) == "train"]
+        held_out_only = set(speech_data.vocabulary(lang, questions)) - set(speech_data.vocabulary(lang, trained))
+        assert held_out_only  # else the check below could not fail
+        lists = [r["text"] for r in train if r["source"] == "words" and r["lang"] == lang]
+        assert len(lists) == len(set(map(normalize, lists))) == 20
+        for text in lists:
+            words = text.split() if lang == "en" else [text[i: i + 2] for i in range(0, len(text), 2)]
+            assert 3 <= len(words) <= 10 and not set(words) & held_out_only, text
+            assert all(w.lower() in " ".join(trained).lower() for w in words), text
+    assert speech_data.vocabulary("en", ["What is DNA?", "what is that, Bob?", "Is it 42 or x? Don't!"]) == \
+        ["Bob", "DNA", "Don't", "is", "it", "or", "that", "what"]  # lower case unless only ever capitalised
+    again = fake_config(tmp_path, "again", langs=("en", "zh"), limit=None, sources=("facts", "words"), words_count=20)
+    build(again, engines={"en": SineVoice(), "zh": SineVoice()}, progress=False)
+    assert rows(again.out, "train", "asr") == train  # seeded
 
 
 def test_answers_source_speaks_training_answers_as_asr_rows(tmp_path):

@@ -1,8 +1,9 @@
 """Offline speech-instruction data: packaged text -> TTS clips -> ASR and conversation manifests (see data.py).
 
     texts       chatterbot-corpus Q/A (en, zh), templated arithmetic, a few hand-written facts; optionally the
-                sentences of the LLM's answers to training questions, and remixes (the start of one training
-                sentence, the end of another), spoken as extra ASR-only rows
+                sentences of the LLM's answers to training questions, remixes (the start of one training
+                sentence, the end of another) and word lists (training words in random order), spoken as extra
+                ASR-only rows
     split       sha1 of the normalized question decides train / held-out, so a sentence never lands on both sides
     clips       one clip per question: clips/<lang>-<id>.wav, 16 kHz mono; the id hashes voice, text and variation,
                 so an existing file is a finished clip and a rerun skips it
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 LANGS = ("en", "zh")
 RESPONSES = ("corpus", "llm")
-SOURCES = ("chatterbot", "math", "facts", "answers", "remix")
+SOURCES = ("chatterbot", "math", "facts", "answers", "remix", "words")
 DEFAULT_SOURCES = ("chatterbot", "math", "facts")
 KINDS = ("speech", "speech+instruction", "instruction+speech", "text")
 MAX_CLIP_S = 30.0  # one Whisper window
@@ -101,6 +102,7 @@ class BuildConfig:
     math_count: int = 200  # arithmetic questions generated per language
     max_chars: int = 200  # longer questions are not spoken
     remix_count: int = 1000  # remixed sentences per language, with the "remix" source
+    words_count: int = 1000  # word lists per language, with the "words" source
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -119,8 +121,8 @@ class BuildConfig:
             raise ValueError(f"responses must be one of {RESPONSES}, got {self.responses!r}")
         if "answers" in self.sources and self.responses != "llm":
             raise ValueError("the 'answers' source speaks the LLM's cached answers: it needs responses 'llm'")
-        if self.remix_count < 1:
-            raise ValueError(f"remix_count must be >= 1, got {self.remix_count}")
+        if self.remix_count < 1 or self.words_count < 1:
+            raise ValueError(f"remix_count and words_count must be >= 1, got {self.remix_count}, {self.words_count}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
 
@@ -312,6 +314,42 @@ def remix_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set) ->
     return [Sentence(lang, text, "remix", ()) for text in out.values()]
 
 
+WORDS_LEN = {"en": (3, 10), "zh": (3, 8)}  # words (en) or two-character pieces (zh) of a word list
+
+
+def vocabulary(lang: str, pool: list[str]) -> list[str]:
+    """The words of `pool`, sorted: English words without their punctuation (lower case unless the pool only has
+    them capitalised: names), or Mandarin two-character pieces of runs of Han characters."""
+    if lang == "zh":
+        runs = [r for t in pool for r in re.findall(r"[\u4e00-\u9fff]+", t)]
+        return sorted({r[i: i + 2] for r in runs for i in range(len(r) - 1)})
+    words = {w.strip(".,;:!?\"'()“”‘’") for t in pool for w in t.split()}
+    words = {w for w in words if re.fullmatch(r"[A-Za-z]+(?:['’-][A-Za-z]+)*", w) and (len(w) > 1 or w in "aI")}
+    return sorted({w if w.lower() not in words or w == "I" else w.lower() for w in words})
+
+
+def word_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set) -> list[Sentence]:
+    """config.words_count ASR-only word lists: words of the training sentences in random order ("ocean bees
+    why carrots"). Nothing in them can be guessed from context, so a model learns from them to hear each word.
+    `pool`: training sentences only; a list that the split rule would hold out, or one already spoken, is left out."""
+    lo, hi = WORDS_LEN[lang]
+    vocab = vocabulary(lang, [t for t in pool if split_of(t, config.heldout_fraction) == "train"])
+    if not vocab:
+        return []
+    rng = random.Random(_stable_int("words", lang, config.seed))
+    joiner = " " if lang == "en" else ""
+    out: dict[str, str] = {}
+    for _ in range(50 * config.words_count):
+        if len(out) == config.words_count:
+            break
+        text = joiner.join(rng.choice(vocab) for _ in range(rng.randint(lo, hi)))
+        key = normalize(text)
+        if len(text) <= config.max_chars and key not in spoken and key not in out \
+                and split_of(text, config.heldout_fraction) == "train":
+            out[key] = text
+    return [Sentence(lang, text, "words", ()) for text in out.values()]
+
+
 # ---- answers -----------------------------------------------------------------------------------------------------
 
 class AnswerCache:
@@ -441,11 +479,12 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
     extra = []
     if "answers" in config.sources:  # after the questions, so that this run's own answers are in the cache
         extra += [s for lang in config.langs for s in answer_texts(lang, answers.known, config, spoken_keys)]
-    if "remix" in config.sources:
-        for lang in config.langs:  # the pool: every training question of the corpus, and the cached answers
-            pool = [s.text for s in sentences(lang, replace(config, sources=DEFAULT_SOURCES, limit=None))]
-            pool += [s.text for s in answer_texts(lang, answers.known, config, spoken_keys)] if answers else []
-            extra += remix_texts(lang, pool, config, spoken_keys | {s.key for s in extra})
+    made = [(name, make) for name, make in (("remix", remix_texts), ("words", word_texts)) if name in config.sources]
+    for lang in config.langs if made else ():  # their pool: every training question, and the cached answers
+        pool = [s.text for s in sentences(lang, replace(config, sources=DEFAULT_SOURCES, limit=None))]
+        pool += [s.text for s in answer_texts(lang, answers.known, config, spoken_keys)] if answers else []
+        for _, make in made:
+            extra += make(lang, pool, config, spoken_keys | {s.key for s in extra})
     if extra:
         for s in tqdm(extra, desc="extra ASR sentences", unit="clip", disable=not progress):
             spoken = speak(s)
@@ -489,6 +528,7 @@ def _write_metadata(config: BuildConfig, engines: dict[str, Engine], summary: Bu
         f"- Responses: {config.responses}" + (" (cached in answers.jsonl)." if config.responses == "llm" else "."),
         f"- Texts: {', '.join(config.sources)} (chatterbot = chatterbot-corpus Q/A; math = templated arithmetic; "
         f"answers = complete sentences of the cached LLM answers to training questions, ASR rows only; remix = the "
-        f"start of one training sentence and the end of another, ASR rows only).", "",
+        f"start of one training sentence and the end of another, ASR rows only; words = training words in random "
+        f"order, ASR rows only).", "",
     ]
     (config.out / "README.md").write_text("\n".join(readme), encoding="utf-8")
