@@ -298,6 +298,32 @@ def test_words_source_speaks_training_words_in_random_order(tmp_path):
     assert rows(again.out, "train", "asr") == train  # seeded
 
 
+def test_remix_and_words_take_the_answers_to_training_questions_only(tmp_path, monkeypatch):
+    import hashlib
+
+    monkeypatch.setattr(speech_data, "DEFAULT_SOURCES", ("facts",))  # a small pool: facts and their answers
+
+    def word(question):  # a made-up word that only this question's answer holds
+        return "".join("abcdefghij"[int(c)] for c in str(int(hashlib.sha1(question.encode()).hexdigest(), 16))[:9])
+
+    def answer(question):
+        return f"My answer to that uses the word {word(question)} once."
+
+    config = fake_config(tmp_path, langs=("en",), responses="llm", limit=None, sources=("facts", "remix", "words"),
+                         remix_count=60, words_count=60)
+    build(config, answer=answer, engines={"en": SineVoice()}, progress=False)
+    check_dataset(config.out)
+    cache = [json.loads(line)["question"] for line in (config.out / "answers.jsonl").read_text().splitlines()]
+    trained = {word(q) for q in cache if split_of(q, config.heldout_fraction) == "train"}
+    held_out = {word(q) for q in cache if split_of(q, config.heldout_fraction) == "heldout"}
+    assert trained and held_out
+    for source in ("remix", "words"):
+        heard = {w.strip(".,?") for r in rows(config.out, "train", "asr") if r["source"] == source
+                 for w in r["text"].split()}
+        assert heard & trained, source  # the cached answers are in the pool ...
+        assert not heard & held_out, source  # ... but not those to held-out questions
+
+
 def test_answers_source_speaks_training_answers_as_asr_rows(tmp_path):
     config = fake_config(tmp_path, langs=("en",), responses="llm", limit=None, sources=("facts", "answers"))
 
