@@ -282,6 +282,7 @@ def answer_texts(lang: str, known: dict, config: BuildConfig, spoken: set) -> li
 
 
 REMIX_WORDS = {"en": (4, 20), "zh": (6, 30)}  # words (en) or characters (zh) of a remixed sentence
+JOINER = {"en": " ", "zh": ""}
 
 
 def _units(lang: str, text: str) -> list[str]:
@@ -300,18 +301,29 @@ def remix_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set) ->
     if len(pool) < 2:
         return []
     rng = random.Random(_stable_int("remix", lang, config.seed))
-    joiner = " " if lang == "en" else ""
-    out: dict[str, str] = {}
-    for _ in range(50 * config.remix_count):
-        if len(out) == config.remix_count:
-            break
+
+    def remix() -> str:
         a, b = (_units(lang, t) for t in rng.sample(pool, 2))
-        text = joiner.join(a[: rng.randint(2, len(a) - 1)] + b[rng.randint(1, len(b) - 2):])
+        return JOINER[lang].join(a[: rng.randint(2, len(a) - 1)] + b[rng.randint(1, len(b) - 2):])
+
+    return _new_texts(lang, "remix", config.remix_count, remix, config, spoken,
+                      lambda text: lo <= len(_units(lang, text)) <= hi)
+
+
+def _new_texts(lang: str, source: str, count: int, make: Callable[[], str], config: BuildConfig, spoken: set,
+               ok: Callable[[str], bool] = lambda text: True) -> list[Sentence]:
+    """Up to `count` distinct ASR-only sentences drawn from make() (at most 50 draws each). A text that fails ok(),
+    is too long, is already spoken (`spoken`: normalized keys) or would be held out by the split rule is left out."""
+    out: dict[str, str] = {}
+    for _ in range(50 * count):
+        if len(out) == count:
+            break
+        text = make()
         key = normalize(text)
-        if lo <= len(_units(lang, text)) <= hi and len(text) <= config.max_chars and key not in spoken \
-                and key not in out and split_of(text, config.heldout_fraction) == "train":
+        if ok(text) and len(text) <= config.max_chars and key not in spoken and key not in out \
+                and split_of(text, config.heldout_fraction) == "train":
             out[key] = text
-    return [Sentence(lang, text, "remix", ()) for text in out.values()]
+    return [Sentence(lang, text, source, ()) for text in out.values()]
 
 
 WORDS_LEN = {"en": (3, 10), "zh": (3, 8)}  # words (en) or two-character pieces (zh) of a word list
@@ -324,7 +336,7 @@ def vocabulary(lang: str, pool: list[str]) -> list[str]:
         runs = [r for t in pool for r in re.findall(r"[\u4e00-\u9fff]+", t)]
         return sorted({r[i: i + 2] for r in runs for i in range(len(r) - 1)})
     words = {w.strip(".,;:!?\"'()“”‘’") for t in pool for w in t.split()}
-    words = {w for w in words if re.fullmatch(r"[A-Za-z]+(?:['’-][A-Za-z]+)*", w) and (len(w) > 1 or w in "aI")}
+    words = {w for w in words if re.fullmatch(r"[A-Za-z]+(?:['’-][A-Za-z]+)*", w) and (len(w) > 1 or w in ("a", "I"))}
     return sorted({w if w.lower() not in words or w == "I" else w.lower() for w in words})
 
 
@@ -337,17 +349,8 @@ def word_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set) -> 
     if not vocab:
         return []
     rng = random.Random(_stable_int("words", lang, config.seed))
-    joiner = " " if lang == "en" else ""
-    out: dict[str, str] = {}
-    for _ in range(50 * config.words_count):
-        if len(out) == config.words_count:
-            break
-        text = joiner.join(rng.choice(vocab) for _ in range(rng.randint(lo, hi)))
-        key = normalize(text)
-        if len(text) <= config.max_chars and key not in spoken and key not in out \
-                and split_of(text, config.heldout_fraction) == "train":
-            out[key] = text
-    return [Sentence(lang, text, "words", ()) for text in out.values()]
+    return _new_texts(lang, "words", config.words_count,
+                      lambda: JOINER[lang].join(rng.choice(vocab) for _ in range(rng.randint(lo, hi))), config, spoken)
 
 
 # ---- answers -----------------------------------------------------------------------------------------------------
