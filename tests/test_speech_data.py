@@ -313,7 +313,7 @@ def test_remix_and_words_take_the_answers_to_training_questions_only(tmp_path, m
                          remix_count=60, words_count=60)
     build(config, answer=answer, engines={"en": SineVoice()}, progress=False)
     check_dataset(config.out)
-    cache = [json.loads(line)["question"] for line in (config.out / "answers.jsonl").read_text().splitlines()]
+    cache = [json.loads(line)["question"] for line in (config.out / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
     trained = {word(q) for q in cache if split_of(q, config.heldout_fraction) == "train"}
     held_out = {word(q) for q in cache if split_of(q, config.heldout_fraction) == "heldout"}
     assert trained and held_out
