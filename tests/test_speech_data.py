@@ -296,6 +296,8 @@ def test_words_source_speaks_training_words_in_random_order(tmp_path):
     again = fake_config(tmp_path, "again", langs=("en", "zh"), limit=None, sources=("facts", "words"), words_count=20)
     build(again, engines={"en": SineVoice(), "zh": SineVoice()}, progress=False)
     assert rows(again.out, "train", "asr") == train  # seeded
+    with pytest.raises(ValueError, match="remix_count and words_count must be >= 1"):
+        fake_config(tmp_path, sources=("words",), words_count=0)
 
 
 def test_remix_and_words_take_the_answers_to_training_questions_only(tmp_path, monkeypatch):

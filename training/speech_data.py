@@ -482,11 +482,11 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
     extra = []
     if "answers" in config.sources:  # after the questions, so that this run's own answers are in the cache
         extra += [s for lang in config.langs for s in answer_texts(lang, answers.known, config, spoken_keys)]
-    made = [(name, make) for name, make in (("remix", remix_texts), ("words", word_texts)) if name in config.sources]
-    for lang in config.langs if made else ():  # their pool: every training question, and the cached answers
+    makers = [make for name, make in (("remix", remix_texts), ("words", word_texts)) if name in config.sources]
+    for lang in config.langs if makers else ():  # their pool: every training question, and the cached answers
         pool = [s.text for s in sentences(lang, replace(config, sources=DEFAULT_SOURCES, limit=None))]
         pool += [s.text for s in answer_texts(lang, answers.known, config, spoken_keys)] if answers else []
-        for _, make in made:
+        for make in makers:
             extra += make(lang, pool, config, spoken_keys | {s.key for s in extra})
     if extra:
         for s in tqdm(extra, desc="extra ASR sentences", unit="clip", disable=not progress):
