@@ -53,6 +53,19 @@ def test_bench_reports_every_figure(bundle, clip, tmp_path):
         assert "first_token_vs_cascade" in out["ratios"]
 
 
+def test_bench_prints_a_table_by_default(bundle, clip):
+    r = subprocess.run([sys.executable, "-m", "llasm.cli.bench", "--bundle", str(bundle), "--audio", str(clip),
+                        "--lengths", "1,2", "--repeats", "1", "--threads", "1", "-q"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert not r.stderr.strip(), r.stderr  # -q: no progress, no log lines
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("machine: ") and lines[1].split()[:2] == ["audio", "s"] and "cascade" not in lines[1]
+    assert [line.split()[0] for line in lines[2:4]] == ["1.0", "2.0"]  # one row per length, its 5 figures
+    assert all(len(line.split()) == 5 and float(line.split()[4]) > 0 for line in lines[2:4])
+    assert lines[4].startswith("decode: ") and lines[5].startswith("peak RSS: LLaSM ") and len(lines) == 6
+
+
 def test_bench_rejects_bad_lengths(bundle, clip):
     r = subprocess.run([sys.executable, "-m", "llasm.cli.bench", "--bundle", str(bundle), "--audio", str(clip),
                         "--lengths", "one,two"], capture_output=True, text=True, timeout=120)
