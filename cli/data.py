@@ -58,9 +58,14 @@ def main(argv=None) -> None:
                         "sentences of the cached LLM answers to training questions (needs --responses llm); 'remix' "
                         "adds ASR-only rows of new sentences, the start of one training sentence and the end of "
                         "another (from the questions, and the cached answers if any); 'words' adds ASR-only rows of "
-                        "the same sentences' words in random order")
+                        "the same sentences' words in random order; 'vocab' adds ASR-only rows the LLM writes around "
+                        "words of --vocab that no training text has (needs --responses llm)")
     b.add_argument("--remix-count", type=int, default=1000, help="remixed sentences per language (default 1000)")
     b.add_argument("--words-count", type=int, default=1000, help="word lists per language (default 1000)")
+    b.add_argument("--vocab", default=None, metavar="FILE",
+                   help="word list of the 'vocab' source: a tokenizer.json (its whole-word tokens in id order, e.g. "
+                        "Whisper's) or a text file with one word per line")
+    b.add_argument("--vocab-count", type=int, default=500, help="new words per language for 'vocab' (default 500)")
     b.add_argument("--heldout", type=float, default=0.1, help="fraction of sentences held out (default 0.1)")
     b.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -72,7 +77,8 @@ def main(argv=None) -> None:
                              limit=args.limit, seed=args.seed, noise=args.noise, responses=args.responses,
                              engines=_engines(args.engines), heldout_fraction=args.heldout,
                              sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
-                             remix_count=args.remix_count, words_count=args.words_count)
+                             remix_count=args.remix_count, words_count=args.words_count,
+                             vocab=args.vocab, vocab_count=args.vocab_count)
         answer = _answerer(args) if args.responses == "llm" else None
         summary = build(config, answer=answer, progress=not args.quiet)
     print("\n".join(summary.lines()))

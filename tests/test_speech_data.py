@@ -349,3 +349,65 @@ def test_answers_source_speaks_training_answers_as_asr_rows(tmp_path):
     assert all(r["split"] == "train" and r["voice"] == "fake-sine" for r in extra)
     with pytest.raises(ValueError, match="responses 'llm'"):
         fake_config(tmp_path, sources=("answers",))
+
+
+def test_vocab_source_speaks_llm_sentences_around_words_no_training_text_has(tmp_path, monkeypatch):
+    monkeypatch.setattr(speech_data, "DEFAULT_SOURCES", ("facts",))  # training texts: the facts and their answers
+    new = ["".join("bdfgklmnprstvz"[int(c) % 14] + "aeiou"[int(c) % 5] for c in f"{i:03d}") for i in range(30)]
+    (tmp_path / "words.txt").write_text("\n".join(["capital", "Ocean", *new, "capital"]) + "\n", encoding="utf-8")
+    prompts = []
+
+    def answer(question):
+        if '"' not in question:  # a spoken question: its answer is a cached answer, never a vocab sentence
+            return "I think so."
+        prompts.append(question)
+        word = question.split('"')[1]
+        if word == new[5]:
+            return f'Here it is: "{word}" is in this sentence.'  # quotes: the prompt echoed back, left out
+        if word == new[6]:
+            return "A sentence without the word at all."
+        return f"The {word} stood by the door today. It was tall."
+
+    config = fake_config(tmp_path, langs=("en",), responses="llm", limit=None, sources=("facts", "vocab"),
+                         vocab=str(tmp_path / "words.txt"), vocab_count=25)
+    build(config, answer=answer, engines={"en": SineVoice()}, progress=False)
+    check_dataset(config.out)
+    vocab = {split: [r["text"] for r in rows(config.out, split, "asr") if r["source"] == "vocab"]
+             for split in ("train", "heldout")}
+    assert vocab["train"] and vocab["heldout"]  # the split rule holds some out: words heard only elsewhere
+    said = sorted(vocab["train"] + vocab["heldout"])
+    assert all(text.startswith("The ") and text.endswith(" stood by the door today.") for text in said)
+    # capital and ocean are in the facts: skipped; the first 25 new words, two prompts each; two words fail
+    assert len(prompts) == 50 and {p.split('"')[1] for p in prompts} == set(new[:25])
+    assert sorted(t.split()[1] for t in said) == sorted(new[:5] + new[7:25])  # one sentence: both prompts agree
+    assert not {r["source"] for r in rows(config.out, "train", "conv")} & {"vocab"}  # ASR rows only
+    cached = [json.loads(line)["question"] for line in (config.out / "vocab.jsonl").read_text("utf-8").splitlines()]
+    assert sorted(cached) == sorted(prompts)  # apart from the answers to questions
+    assert not set(cached) & {json.loads(line)["question"]
+                              for line in (config.out / "answers.jsonl").read_text("utf-8").splitlines()}
+    before = {split: rows(config.out, split, "asr") for split in ("train", "heldout")}
+    build(config, answer=lambda q: "I think so." if '"' not in q else 1 / 0, engines={"en": SineVoice()},
+          progress=False)  # a rerun asks the cache, not the LLM
+    assert {split: rows(config.out, split, "asr") for split in ("train", "heldout")} == before
+    with pytest.raises(ValueError, match="needs responses 'llm', a vocab file"):
+        fake_config(tmp_path, responses="llm", sources=("vocab",))
+
+
+def test_vocab_file_from_a_tokenizer_json_takes_whole_words_in_id_order(tmp_path):
+    table = {b: c for c, b in speech_data._byte_decoder().items()}
+    assert table[32] == "Ġ" and table[0xE4] == "ä"  # GPT-2's byte-level table: a space is Ġ, printable bytes stay
+
+    def token(text):
+        return "".join(table[b] for b in text.encode("utf-8"))
+
+    vocab = {"Ġzebra": 7, "Ġapple": 3, "Ġx": 1, "apple": 2, "ĠApple": 4, "Ġwell-known": 5, token("中国"): 6,
+             token(" 北京"): 9, token("中"): 8, token("中国"[:1]) + "Ġ": 10}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({"model": {"vocab": vocab}}), encoding="utf-8")
+    assert speech_data.read_vocab(path, "en") == ["apple", "zebra"]
+    assert speech_data.read_vocab(path, "zh") == ["中国", "北京"]
+    path.write_text("{}", encoding="utf-8")
+    with pytest.raises(ValueError, match="not a tokenizer.json"):
+        speech_data.read_vocab(path, "en")
+    with pytest.raises(ValueError, match="cannot read the vocab file"):
+        speech_data.read_vocab(tmp_path / "missing.txt", "en")

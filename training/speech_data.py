@@ -2,7 +2,8 @@
 
     texts       chatterbot-corpus Q/A (en, zh), templated arithmetic, a few hand-written facts; optionally the
                 sentences of the LLM's answers to training questions, remixes (the start of one training
-                sentence, the end of another) and word lists (training words in random order), spoken as extra
+                sentence, the end of another), word lists (training words in random order) and sentences the
+                LLM writes around words of a word list that no training text has (vocab), spoken as extra
                 ASR-only rows
     split       sha1 of the normalized question decides train / held-out, so a sentence never lands on both sides
     clips       one clip per question: clips/<lang>-<id>.wav, 16 kHz mono; the id hashes voice, text and variation,
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 LANGS = ("en", "zh")
 RESPONSES = ("corpus", "llm")
-SOURCES = ("chatterbot", "math", "facts", "answers", "remix", "words")
+SOURCES = ("chatterbot", "math", "facts", "answers", "remix", "words", "vocab")
 DEFAULT_SOURCES = ("chatterbot", "math", "facts")
 KINDS = ("speech", "speech+instruction", "instruction+speech", "text")
 MAX_CLIP_S = 30.0  # one Whisper window
@@ -103,6 +104,8 @@ class BuildConfig:
     max_chars: int = 200  # longer questions are not spoken
     remix_count: int = 1000  # remixed sentences per language, with the "remix" source
     words_count: int = 1000  # word lists per language, with the "words" source
+    vocab: str | None = None  # word list of the "vocab" source: a tokenizer.json, or one word per line
+    vocab_count: int = 500  # new words per language the "vocab" source writes sentences around
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -123,6 +126,9 @@ class BuildConfig:
             raise ValueError("the 'answers' source speaks the LLM's cached answers: it needs responses 'llm'")
         if self.remix_count < 1 or self.words_count < 1:
             raise ValueError(f"remix_count and words_count must be >= 1, got {self.remix_count}, {self.words_count}")
+        if "vocab" in self.sources and (self.responses != "llm" or not self.vocab or self.vocab_count < 1):
+            raise ValueError("the 'vocab' source has the LLM write sentences around the words of a word list: it "
+                             "needs responses 'llm', a vocab file and vocab_count >= 1")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
 
@@ -353,6 +359,81 @@ def word_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set) -> 
                       lambda: JOINER[lang].join(rng.choice(vocab) for _ in range(rng.randint(lo, hi))), config, spoken)
 
 
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins -> the bytes they encode (GPT-2's table, which Whisper shares)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def read_vocab(path: Path, lang: str) -> list[str]:
+    """The words of a word list, in its order: a Hugging Face tokenizer.json gives its whole-word tokens by id (BPE
+    learns frequent words first): English lower-case words of two letters or more, Mandarin tokens that decode to
+    two or more Han characters; any other file is read as one word per line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataBuildError(f"cannot read the vocab file {path}: {e}") from None
+    if path.suffix != ".json":
+        return list(dict.fromkeys(w.strip() for w in text.splitlines() if w.strip()))
+    try:
+        tokens = sorted(json.loads(text)["model"]["vocab"].items(), key=lambda item: item[1])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise DataBuildError(f"{path} is not a tokenizer.json with a model.vocab table") from None
+    words, table = [], _byte_decoder()
+    for token, _ in tokens:
+        if lang == "en":
+            if re.fullmatch("Ġ[a-z]{2,}", token):
+                words.append(token[1:])
+            continue
+        try:
+            word = bytes(table[c] for c in token).decode("utf-8").strip()
+        except (KeyError, UnicodeDecodeError):
+            continue
+        if re.fullmatch(r"[\u4e00-\u9fff]{2,}", word):
+            words.append(word)
+    return list(dict.fromkeys(words))
+
+
+VOCAB_PROMPTS = {  # two sentences per word, so a word can be heard in training and tested in another sentence
+    "en": ('Write one short, simple English sentence that uses the word "{word}". Reply with the sentence only.',
+           'Write a short English sentence about everyday life with the word "{word}" in it. Reply with the sentence '
+           'only.'),
+    "zh": ("用“{word}”造一个简单的短句。只回答这个句子。", "用“{word}”写一个关于日常生活的短句。只回答这个句子。"),
+}
+
+
+def _has_word(lang: str, text: str, word: str) -> bool:
+    if lang == "zh":
+        return word in text
+    return re.search(rf"(?<![A-Za-z]){re.escape(word)}(?![A-Za-z])", text, re.IGNORECASE) is not None
+
+
+def vocab_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set, write: Callable[[str, str], str]
+                ) -> list[Sentence]:
+    """ASR-only sentences around new words: the first config.vocab_count words of the config.vocab list that no
+    training text has (`pool`: training sentences), each given to the LLM (`write(lang, prompt)`, cached) with the
+    VOCAB_PROMPTS. The first complete sentence of a reply that holds its word and no quotation mark is kept, unless
+    already spoken (`spoken`: normalized keys). The split rule decides each sentence's side, so some are held out: a test of words
+    heard only in other sentences."""
+    known = {w.lower() for w in vocabulary(lang, pool)}
+    new = [w for w in read_vocab(Path(config.vocab), lang) if w.lower() not in known][: config.vocab_count]
+    out: dict[str, Sentence] = {}
+    for word in new:
+        for prompt in VOCAB_PROMPTS[lang]:
+            try:
+                reply = write(lang, prompt.format(word=word))
+            except Exception as e:  # the callback is user code (an LLM); a failure drops this sentence only
+                log.warning("no sentence for %r: %s", word, e)
+                continue
+            text = next((t for t in answer_sentences(lang, reply, config.max_chars)
+                         if _has_word(lang, t, word) and not re.search("[\"“”]", t)), None)  # quotes: the prompt echoed
+            if text and normalize(text) not in spoken and normalize(text) not in out:
+                out[normalize(text)] = Sentence(lang, text, "vocab", ())
+    return list(out.values())
+
+
 # ---- answers -----------------------------------------------------------------------------------------------------
 
 class AnswerCache:
@@ -483,6 +564,9 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
     if "answers" in config.sources:  # after the questions, so that this run's own answers are in the cache
         extra += [s for lang in config.langs for s in answer_texts(lang, answers.known, config, spoken_keys)]
     makers = [make for name, make in (("remix", remix_texts), ("words", word_texts)) if name in config.sources]
+    if "vocab" in config.sources:  # the LLM's sentences are cached apart from its answers to questions
+        writer = AnswerCache(out / "vocab.jsonl", answer)
+        makers.append(lambda lang, pool, config, spoken: vocab_texts(lang, pool, config, spoken, writer))
     for lang in config.langs if makers else ():  # their pool: every training question, and the cached answers
         pool = [s.text for s in sentences(lang, replace(config, sources=DEFAULT_SOURCES, limit=None))]
         pool += [s.text for s in answer_texts(lang, answers.known, config, spoken_keys)] if answers else []
@@ -493,8 +577,9 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
             spoken = speak(s)
             if spoken is not None:
                 clip, audio_meta = spoken
-                manifests["train"]["asr"].append({"audio": clip, "text": s.text, "lang": s.lang, "source": s.source,
-                                                  "split": "train", **audio_meta})
+                split = split_of(s.text, config.heldout_fraction)  # only vocab sentences can be held out
+                manifests[split]["asr"].append({"audio": clip, "text": s.text, "lang": s.lang, "source": s.source,
+                                                "split": split, **audio_meta})
 
     for split, names in manifests.items():
         for name, rows in names.items():
@@ -532,6 +617,7 @@ def _write_metadata(config: BuildConfig, engines: dict[str, Engine], summary: Bu
         f"- Texts: {', '.join(config.sources)} (chatterbot = chatterbot-corpus Q/A; math = templated arithmetic; "
         f"answers = complete sentences of the cached LLM answers to training questions, ASR rows only; remix = the "
         f"start of one training sentence and the end of another, ASR rows only; words = training words in random "
-        f"order, ASR rows only).", "",
+        f"order, ASR rows only; vocab = the LLM's sentences around words of {config.vocab} that no training text "
+        f"has, ASR rows only, some held out).", "",
     ]
     (config.out / "README.md").write_text("\n".join(readme), encoding="utf-8")
