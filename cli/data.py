@@ -67,6 +67,9 @@ def main(argv=None) -> None:
                         "Whisper's) or a text file with one word per line")
     b.add_argument("--vocab-count", type=int, default=500, help="new words per language for 'vocab' (default 500)")
     b.add_argument("--heldout", type=float, default=0.1, help="fraction of sentences held out (default 0.1)")
+    b.add_argument("--dev", type=float, default=0.0,
+                   help="fraction of sentences set apart to choose checkpoints by (keep_best), taken from the "
+                        "training ones; the held-out ones stay as they are (default 0: no dev split)")
     b.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     setup_logging(args.quiet)
@@ -75,7 +78,7 @@ def main(argv=None) -> None:
 
         config = BuildConfig(out=args.out, langs=tuple(s.strip() for s in args.langs.split(",") if s.strip()),
                              limit=args.limit, seed=args.seed, noise=args.noise, responses=args.responses,
-                             engines=_engines(args.engines), heldout_fraction=args.heldout,
+                             engines=_engines(args.engines), heldout_fraction=args.heldout, dev_fraction=args.dev,
                              sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
                              remix_count=args.remix_count, words_count=args.words_count,
                              vocab=args.vocab, vocab_count=args.vocab_count)

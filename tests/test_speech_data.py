@@ -12,7 +12,8 @@ from llasm.training import speech_data, tts  # noqa: E402
 from llasm.training.speech_data import BuildConfig, build, normalize, split_of  # noqa: E402
 
 INSTRUCTION = "Transcribe the audio."
-MANIFESTS = {"train": ("asr.jsonl", "conv.jsonl"), "heldout": ("asr.heldout.jsonl", "conv.heldout.jsonl")}
+MANIFESTS = {"train": ("asr.jsonl", "conv.jsonl"), "heldout": ("asr.heldout.jsonl", "conv.heldout.jsonl"),
+             "dev": ("asr.dev.jsonl", "conv.dev.jsonl")}
 
 
 class SineVoice:
@@ -46,11 +47,15 @@ def rows(out, split, which):
 
 
 def check_dataset(out):
-    """Clips are 16 kHz mono with sound, manifests parse, and no sentence is on both sides of the split."""
+    """Clips are 16 kHz mono with sound, manifests parse, and no sentence is on two sides of the split."""
     from llasm.training.data import read_manifest
 
-    keys, fraction = {}, json.loads((out / "dataset.json").read_text())["config"]["heldout_fraction"]
+    keys, config = {}, json.loads((out / "dataset.json").read_text())["config"]
+    fractions = config["heldout_fraction"], config["dev_fraction"]
     for split, names in MANIFESTS.items():
+        if split == "dev" and not fractions[1]:
+            assert not (out / names[0]).exists()
+            continue
         for name in names:
             if (out / name).stat().st_size:
                 assert read_manifest(out / name, transcribe_instruction=INSTRUCTION)
@@ -60,9 +65,10 @@ def check_dataset(out):
             assert (info.samplerate, info.channels) == (16_000, 1)
             audio, _ = sf.read(str(out / r["audio"]), dtype="float32")
             assert np.abs(audio).max() > 0.01 and abs(info.duration - r["seconds"]) < 1e-3
-            assert r["split"] == split == split_of(r["text"], fraction)
+            assert r["split"] == split == split_of(r["text"], *fractions)
             assert set(r["variation"]) >= {"speed", "pitch_semitones", "snr_db"}
-    assert keys["train"] and not keys["train"] & keys["heldout"]
+    assert keys["train"] and not keys["train"] & keys["heldout"] and not keys.get("dev", set()) & (
+        keys["train"] | keys["heldout"])
     return keys
 
 
@@ -116,7 +122,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     voice = SineVoice(fail={texts[0]}, silent={texts[1]})
     summary = build(config, engines={"en": voice}, progress=False)
     assert summary.skipped == {"tts failed": 2} and summary.clips_written == len(texts) - 2
-    spoken = {r["text"] for split in MANIFESTS for r in rows(config.out, split, "asr")}
+    spoken = {r["text"] for split in ("train", "heldout") for r in rows(config.out, split, "asr")}
     assert spoken == set(texts[2:])
     check_dataset(config.out)
 
@@ -265,7 +271,7 @@ def test_remix_source_joins_the_start_of_one_training_sentence_to_the_end_of_ano
             assert normalize(text) not in map(normalize, questions[lang])
             assert any(text.startswith(joiner.join(units(a)[:2])) for a in questions[lang]), text
             assert any(text.endswith(joiner.join(units(b)[-2:])) for b in questions[lang]), text
-    conv_audio = {r.get("audio") for split in MANIFESTS for r in rows(config.out, split, "conv")}
+    conv_audio = {r.get("audio") for split in ("train", "heldout") for r in rows(config.out, split, "conv")}
     assert not conv_audio & {r["audio"] for r in train if r["source"] == "remix"}  # ASR rows only
     again = fake_config(tmp_path, "again", langs=("en", "zh"), limit=None, sources=("facts", "remix"), remix_count=15)
     build(again, engines={"en": SineVoice(), "zh": SineVoice()}, progress=False)
@@ -315,7 +321,8 @@ def test_remix_and_words_take_the_answers_to_training_questions_only(tmp_path, m
                          remix_count=60, words_count=60)
     build(config, answer=answer, engines={"en": SineVoice()}, progress=False)
     check_dataset(config.out)
-    cache = [json.loads(line)["question"] for line in (config.out / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
+    cache = [json.loads(line)["question"]
+             for line in (config.out / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
     trained = {word(q) for q in cache if split_of(q, config.heldout_fraction) == "train"}
     held_out = {word(q) for q in cache if split_of(q, config.heldout_fraction) == "heldout"}
     assert trained and held_out
@@ -344,7 +351,7 @@ def test_answers_source_speaks_training_answers_as_asr_rows(tmp_path):
     expected = {k for k in expected if split_of(k, config.heldout_fraction) == "train"}
     assert {normalize(r["text"]) for r in extra} == expected  # no held-out question's answer, each sentence once
     assert len(extra) == len(expected)
-    conv_audio = {r.get("audio") for split in MANIFESTS for r in rows(config.out, split, "conv")}
+    conv_audio = {r.get("audio") for split in ("train", "heldout") for r in rows(config.out, split, "conv")}
     assert not conv_audio & {r["audio"] for r in extra}  # ASR rows only
     assert all(r["split"] == "train" and r["voice"] == "fake-sine" for r in extra)
     with pytest.raises(ValueError, match="responses 'llm'"):
@@ -411,3 +418,26 @@ def test_vocab_file_from_a_tokenizer_json_takes_whole_words_in_id_order(tmp_path
         speech_data.read_vocab(path, "en")
     with pytest.raises(ValueError, match="cannot read the vocab file"):
         speech_data.read_vocab(tmp_path / "missing.txt", "en")
+
+
+def test_dev_split_comes_from_the_training_sentences_and_leaves_the_held_out_ones_alone(tmp_path):
+    def answer(question):
+        return f"Here is my answer to {question.rstrip('?')} now."
+
+    plain = fake_config(tmp_path, "plain", langs=("en",), limit=None, responses="llm", sources=("facts", "answers"))
+    with_dev = replace(plain, out=tmp_path / "dev", dev_fraction=0.3)
+    for config in (plain, with_dev):
+        build(config, answer=answer, engines={"en": SineVoice()}, progress=False)
+    keys = check_dataset(with_dev.out)
+    assert rows(with_dev.out, "heldout", "asr") == rows(plain.out, "heldout", "asr")
+    assert keys["dev"] and keys["dev"] <= {normalize(r["text"]) for r in rows(plain.out, "train", "asr")}
+    assert len(rows(with_dev.out, "dev", "conv")) == len(keys["dev"])
+    meta = json.loads((with_dev.out / "dataset.json").read_text(encoding="utf-8"))
+    assert meta["manifests"]["dev"] == ["asr.dev.jsonl", "conv.dev.jsonl"] and "dev" not in json.loads(
+        (plain.out / "dataset.json").read_text(encoding="utf-8"))["manifests"]
+    spoken_answers = " ".join(r["text"] for r in rows(with_dev.out, "train", "asr") if r["source"] == "answers")
+    dev_questions = [r["text"] for r in rows(with_dev.out, "dev", "asr")]
+    assert all(f"answer to {q.rstrip('?')} now" not in spoken_answers for q in dev_questions)  # nor their answers
+    assert any(f"answer to {r['text'].rstrip('?')} now" in spoken_answers for r in rows(with_dev.out, "train", "asr"))
+    with pytest.raises(ValueError, match="sum below 1"):
+        replace(plain, dev_fraction=0.6)

@@ -5,10 +5,12 @@
                 sentence, the end of another), word lists (training words in random order) and sentences the
                 LLM writes around words of a word list that no training text has (vocab), spoken as extra
                 ASR-only rows
-    split       sha1 of the normalized question decides train / held-out, so a sentence never lands on both sides
+    split       sha1 of the normalized question decides train / held-out (and dev, if asked), so a sentence never
+                lands on two sides
     clips       one clip per question: clips/<lang>-<id>.wav, 16 kHz mono; the id hashes voice, text and variation,
                 so an existing file is a finished clip and a rerun skips it
-    manifests   asr.jsonl + conv.jsonl (train), asr.heldout.jsonl + conv.heldout.jsonl, dataset.json, README.md
+    manifests   asr.jsonl + conv.jsonl (train), asr.heldout.jsonl + conv.heldout.jsonl (and .dev.), dataset.json,
+                README.md
 
 Conversation rows cycle through four kinds: the spoken question alone; spoken question + a text instruction; a text
 instruction about spoken content (repeat it); the question as text only. Answers come from the corpus, or from an
@@ -99,6 +101,7 @@ class BuildConfig:
     responses: str = "corpus"
     engines: tuple = ()  # (lang, engine name) pairs overriding tts.DEFAULT_ENGINES
     heldout_fraction: float = 0.1
+    dev_fraction: float = 0.0  # sentences to choose checkpoints by (keep_best), apart from the held-out ones
     sources: tuple = DEFAULT_SOURCES
     math_count: int = 200  # arithmetic questions generated per language
     max_chars: int = 200  # longer questions are not spoken
@@ -129,11 +132,20 @@ class BuildConfig:
         if "vocab" in self.sources and (self.responses != "llm" or not self.vocab or self.vocab_count < 1):
             raise ValueError("the 'vocab' source has the LLM write sentences around the words of a word list: it "
                              "needs responses 'llm', a vocab file and vocab_count >= 1")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not (0.0 <= self.heldout_fraction and 0.0 <= self.dev_fraction
+                and self.heldout_fraction + self.dev_fraction < 1.0):
+            raise ValueError(f"heldout_fraction and dev_fraction must be >= 0 with a sum below 1, got "
+                             f"{self.heldout_fraction} and {self.dev_fraction}")
 
     def engine_for(self, lang: str) -> str:
         return dict(self.engines).get(lang, DEFAULT_ENGINES[lang])
+
+    @property
+    def splits(self) -> tuple:
+        return ("train", "dev", "heldout") if self.dev_fraction else ("train", "heldout")
+
+    def split(self, text: str) -> str:
+        return split_of(text, self.heldout_fraction, self.dev_fraction)
 
 
 @dataclass(frozen=True)
@@ -183,9 +195,12 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def split_of(text: str, heldout_fraction: float) -> str:
+def split_of(text: str, heldout_fraction: float, dev_fraction: float = 0.0) -> str:
+    """'heldout' below heldout_fraction of the sentence's hash range, 'dev' in the next dev_fraction, else 'train':
+    asking for a dev split takes it from the training sentences and leaves the held-out ones as they were."""
     digest = hashlib.sha1(normalize(text).encode("utf-8")).digest()
-    return "heldout" if int.from_bytes(digest[:8], "big") / 2.0**64 < heldout_fraction else "train"
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    return "heldout" if u < heldout_fraction else "dev" if u < heldout_fraction + dev_fraction else "train"
 
 
 def _stable_int(*parts) -> int:
@@ -278,11 +293,11 @@ def answer_texts(lang: str, known: dict, config: BuildConfig, spoken: set) -> li
     sentence by the split rule, none repeats a sentence spoken as a question (`spoken`: normalized keys)."""
     by_key = {}
     for (row_lang, question), answer in known.items():
-        if row_lang != lang or split_of(question, config.heldout_fraction) != "train":
+        if row_lang != lang or config.split(question) != "train":
             continue
         for text in answer_sentences(lang, answer, config.max_chars):
             key = normalize(text)
-            if key not in spoken and split_of(text, config.heldout_fraction) == "train":
+            if key not in spoken and config.split(text) == "train":
                 by_key.setdefault(key, text)
     return [Sentence(lang, by_key[k], "answers", ()) for k in _seeded_order(by_key, "answers", lang, config)]
 
@@ -303,7 +318,7 @@ def remix_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set) ->
     (`spoken`: normalized keys) and one that is a sentence of the pool are left out."""
     lo, hi = REMIX_WORDS[lang]
     spoken = spoken | {normalize(t) for t in pool}
-    pool = sorted({t for t in pool if len(_units(lang, t)) >= 3 and split_of(t, config.heldout_fraction) == "train"})
+    pool = sorted({t for t in pool if len(_units(lang, t)) >= 3 and config.split(t) == "train"})
     if len(pool) < 2:
         return []
     rng = random.Random(_stable_int("remix", lang, config.seed))
@@ -327,7 +342,7 @@ def _new_texts(lang: str, source: str, count: int, make: Callable[[], str], conf
         text = make()
         key = normalize(text)
         if ok(text) and len(text) <= config.max_chars and key not in spoken and key not in out \
-                and split_of(text, config.heldout_fraction) == "train":
+                and config.split(text) == "train":
             out[key] = text
     return [Sentence(lang, text, source, ()) for text in out.values()]
 
@@ -351,7 +366,7 @@ def word_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set) -> 
     why carrots"). Nothing in them can be guessed from context, so a model learns from them to hear each word.
     `pool`: training sentences only; a list that the split rule would hold out, or one already spoken, is left out."""
     lo, hi = WORDS_LEN[lang]
-    vocab = vocabulary(lang, [t for t in pool if split_of(t, config.heldout_fraction) == "train"])
+    vocab = vocabulary(lang, [t for t in pool if config.split(t) == "train"])
     if not vocab:
         return []
     rng = random.Random(_stable_int("words", lang, config.seed))
@@ -415,8 +430,8 @@ def vocab_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set, wr
     """ASR-only sentences around new words: the first config.vocab_count words of the config.vocab list that no
     training text has (`pool`: training sentences), each given to the LLM (`write(lang, prompt)`, cached) with the
     VOCAB_PROMPTS. The first complete sentence of a reply that holds its word and no quotation mark is kept, unless
-    already spoken (`spoken`: normalized keys). The split rule decides each sentence's side, so some are held out: a test of words
-    heard only in other sentences."""
+    already spoken (`spoken`: normalized keys). The split rule decides each sentence's side, so some are held out:
+    a test of words heard only in other sentences."""
     known = {w.lower() for w in vocabulary(lang, pool)}
     new = [w for w in read_vocab(Path(config.vocab), lang) if w.lower() not in known][: config.vocab_count]
     out: dict[str, Sentence] = {}
@@ -507,7 +522,7 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
     answers = AnswerCache(out / "answers.jsonl", answer) if config.responses == "llm" else None
     summary = BuildSummary(out)
     plan = [(j, s) for lang in config.langs for j, s in enumerate(sentences(lang, config))]
-    manifests: dict[str, dict[str, list]] = {split: {"asr": [], "conv": [], "qa": []} for split in ("train", "heldout")}
+    manifests: dict[str, dict[str, list]] = {split: {"asr": [], "conv": [], "qa": []} for split in config.splits}
 
     def speak(s: Sentence) -> tuple[str, dict] | None:
         """The sentence's clip (spoken now, or found from an earlier run) and its manifest metadata; None if the
@@ -549,7 +564,7 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
             summary.skipped["answer failed"] += 1
             log.warning("no answer for %r: %s", s.text, e)
             continue
-        split = split_of(s.text, config.heldout_fraction)
+        split = config.split(s.text)
         meta = {"lang": s.lang, "source": s.source, "split": split}
         manifests[split]["asr"].append({"audio": clip, "text": s.text, **meta, **audio_meta})
         turns = conversation(kind, s, clip, reply, pick)
@@ -577,7 +592,7 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
             spoken = speak(s)
             if spoken is not None:
                 clip, audio_meta = spoken
-                split = split_of(s.text, config.heldout_fraction)  # only vocab sentences can be held out
+                split = config.split(s.text)  # only vocab sentences can be held out (or dev)
                 manifests[split]["asr"].append({"audio": clip, "text": s.text, "lang": s.lang, "source": s.source,
                                                 "split": split, **audio_meta})
 
@@ -594,22 +609,26 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
 
 def _write_metadata(config: BuildConfig, engines: dict[str, Engine], summary: BuildSummary) -> None:
     voices = {lang: engines[lang].name for lang in config.langs}
-    heldout = (f"by sentence: sha1 of the normalized question < {config.heldout_fraction}; no sentence is on both "
-               "sides. Each language has one voice, so no voice is held out: held-out clips use the training voice "
+    dev = (f"; dev (to choose checkpoints by, never to report): the next {config.dev_fraction} of the hash range"
+           if config.dev_fraction else "")
+    heldout = (f"by sentence: sha1 of the normalized question < {config.heldout_fraction}{dev}; no sentence is on "
+               "two sides. Each language has one voice, so no voice is held out: held-out clips use the training voice "
                "and the same variation ranges (speed 0.85-1.15, pitch +-1.5 semitones, peak -12..-1 dBFS"
                + (", white noise 5-30 dB SNR on 80% of clips)" if config.noise else ", no noise)"))
     meta = {
         "format": "llasm.speech_data", "version": FORMAT_VERSION,
         "config": {**asdict(config), "out": str(config.out), "engines": dict(config.engines)},
         "voices": voices, "heldout": heldout,
-        "manifests": {"train": ["asr.jsonl", "conv.jsonl"], "heldout": ["asr.heldout.jsonl", "conv.heldout.jsonl"]},
+        "manifests": {split: [f"asr{suffix}.jsonl", f"conv{suffix}.jsonl"]
+                      for split in config.splits for suffix in ["" if split == "train" else f".{split}"]},
         "rows": {"/".join(k): v for k, v in sorted(summary.rows.items())},
         "skipped": dict(summary.skipped), "audio_seconds": round(summary.audio_seconds, 1),
     }
     (config.out / "dataset.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     readme = [
         "# Synthetic speech data (llasm-data build)", "",
-        "- `asr.jsonl`, `conv.jsonl`: training manifests; `asr.heldout.jsonl`, `conv.heldout.jsonl`: held out.",
+        "- `asr.jsonl`, `conv.jsonl`: training manifests; `asr.heldout.jsonl`, `conv.heldout.jsonl`: held out"
+        + ("; `asr.dev.jsonl`, `conv.dev.jsonl`: dev, to choose checkpoints by." if config.dev_fraction else "."),
         "- Clips: `clips/<lang>-<id>.wav`, 16 kHz mono; each row records its voice and variation.",
         f"- Voices: {', '.join(f'{k}: {v}' for k, v in voices.items())}.",
         f"- Held out {heldout}.",

@@ -71,8 +71,9 @@ class TrainConfig:
     objective: str = "llm"  # llm: next-token loss through the LLM; ctc: warm start against token embeddings
     cache_encoder: bool = True  # keep frozen-encoder outputs (CPU) so later epochs skip the encoder
     group_by_length: bool = False  # batches of similar length: less padding (62% -> 98% of positions used here)
-    eval_data: str | list = ""  # held-out manifest(s): their mean loss is logged at every save and kept in the info
-    keep_best: bool = False  # with eval_data: also keep the checkpoint of lowest held-out loss, in `<out>-best`
+    eval_data: str | list = ""  # manifest(s) never trained on: their mean loss is logged at every save and kept
+    keep_best: bool = False  # with eval_data: also keep the checkpoint of lowest loss on it, in `<out>-best`; choose
+    #                          by a dev split (llasm-data --dev), so that the held-out figures stay unbiased
 
     def __post_init__(self):
         if self.adaptor not in ADAPTOR_KINDS:
