@@ -63,8 +63,8 @@ def main(argv=None) -> None:
     b.add_argument("--remix-count", type=int, default=1000, help="remixed sentences per language (default 1000)")
     b.add_argument("--words-count", type=int, default=1000, help="word lists per language (default 1000)")
     b.add_argument("--vocab", default=None, metavar="FILE",
-                   help="word list of the 'vocab' source: a tokenizer.json (its whole-word tokens in id order, e.g. "
-                        "Whisper's) or a text file with one word per line")
+                   help="word list of the 'vocab' source: one word per line, most useful first (the first "
+                        "--vocab-count words that no training text has are taken)")
     b.add_argument("--vocab-count", type=int, default=500, help="new words per language for 'vocab' (default 500)")
     b.add_argument("--heldout", type=float, default=0.1, help="fraction of sentences held out (default 0.1)")
     b.add_argument("--dev", type=float, default=0.0,

@@ -400,44 +400,12 @@ def test_vocab_source_speaks_llm_sentences_around_words_no_training_text_has(tmp
         fake_config(tmp_path, responses="llm", sources=("vocab",))
 
 
-def test_vocab_file_from_a_tokenizer_json_takes_whole_words_in_id_order(tmp_path):
-    table = {b: c for c, b in speech_data._byte_decoder().items()}
-    assert table[32] == "Ġ" and table[0xE4] == "ä"  # GPT-2's byte-level table: a space is Ġ, printable bytes stay
-
-    def token(text):
-        return "".join(table[b] for b in text.encode("utf-8"))
-
-    vocab = {"Ġzebra": 7, "Ġapple": 3, "Ġx": 1, "apple": 2, "ĠApple": 4, "Ġwell-known": 5, token("中国"): 6,
-             token(" 北京"): 9, token("中"): 8, token("中国"[:1]) + "Ġ": 10}
-    path = tmp_path / "tokenizer.json"
-    path.write_text(json.dumps({"model": {"vocab": vocab}}), encoding="utf-8")
-    assert speech_data.read_vocab(path, "en") == ["apple", "zebra"]
-    assert speech_data.read_vocab(path, "zh") == ["中国", "北京"]
-    path.write_text("{}", encoding="utf-8")
-    with pytest.raises(ValueError, match="not a tokenizer.json"):
-        speech_data.read_vocab(path, "en")
+def test_vocab_file_is_one_word_per_line_in_order(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text(" zebra \napple\n\nzebra\n北京\n", encoding="utf-8")
+    assert speech_data.read_vocab(path) == ["zebra", "apple", "北京"]
+    path.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="has no words"):
+        speech_data.read_vocab(path)
     with pytest.raises(ValueError, match="cannot read the vocab file"):
-        speech_data.read_vocab(tmp_path / "missing.txt", "en")
-
-
-def test_dev_split_comes_from_the_training_sentences_and_leaves_the_held_out_ones_alone(tmp_path):
-    def answer(question):
-        return f"Here is my answer to {question.rstrip('?')} now."
-
-    plain = fake_config(tmp_path, "plain", langs=("en",), limit=None, responses="llm", sources=("facts", "answers"))
-    with_dev = replace(plain, out=tmp_path / "dev", dev_fraction=0.3)
-    for config in (plain, with_dev):
-        build(config, answer=answer, engines={"en": SineVoice()}, progress=False)
-    keys = check_dataset(with_dev.out)
-    assert rows(with_dev.out, "heldout", "asr") == rows(plain.out, "heldout", "asr")
-    assert keys["dev"] and keys["dev"] <= {normalize(r["text"]) for r in rows(plain.out, "train", "asr")}
-    assert len(rows(with_dev.out, "dev", "conv")) == len(keys["dev"])
-    meta = json.loads((with_dev.out / "dataset.json").read_text(encoding="utf-8"))
-    assert meta["manifests"]["dev"] == ["asr.dev.jsonl", "conv.dev.jsonl"] and "dev" not in json.loads(
-        (plain.out / "dataset.json").read_text(encoding="utf-8"))["manifests"]
-    spoken_answers = " ".join(r["text"] for r in rows(with_dev.out, "train", "asr") if r["source"] == "answers")
-    dev_questions = [r["text"] for r in rows(with_dev.out, "dev", "asr")]
-    assert all(f"answer to {q.rstrip('?')} now" not in spoken_answers for q in dev_questions)  # nor their answers
-    assert any(f"answer to {r['text'].rstrip('?')} now" in spoken_answers for r in rows(with_dev.out, "train", "asr"))
-    with pytest.raises(ValueError, match="sum below 1"):
-        replace(plain, dev_fraction=0.6)
+        speech_data.read_vocab(tmp_path / "missing.txt")

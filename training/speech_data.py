@@ -107,7 +107,7 @@ class BuildConfig:
     max_chars: int = 200  # longer questions are not spoken
     remix_count: int = 1000  # remixed sentences per language, with the "remix" source
     words_count: int = 1000  # word lists per language, with the "words" source
-    vocab: str | None = None  # word list of the "vocab" source: a tokenizer.json, or one word per line
+    vocab: str | None = None  # word list of the "vocab" source: one word per line, most useful first
     vocab_count: int = 500  # new words per language the "vocab" source writes sentences around
 
     def __post_init__(self):
@@ -374,41 +374,16 @@ def word_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set) -> 
                       lambda: JOINER[lang].join(rng.choice(vocab) for _ in range(rng.randint(lo, hi))), config, spoken)
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Byte-level BPE's printable stand-ins -> the bytes they encode (GPT-2's table, which Whisper shares)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
-
-
-def read_vocab(path: Path, lang: str) -> list[str]:
-    """The words of a word list, in its order: a Hugging Face tokenizer.json gives its whole-word tokens by id (BPE
-    learns frequent words first): English lower-case words of two letters or more, Mandarin tokens that decode to
-    two or more Han characters; any other file is read as one word per line."""
-    path = Path(path)
+def read_vocab(path: Path) -> list[str]:
+    """The words of a word list (UTF-8, one word per line), in its order, each once."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataBuildError(f"cannot read the vocab file {path}: {e}") from None
-    if path.suffix != ".json":
-        return list(dict.fromkeys(w.strip() for w in text.splitlines() if w.strip()))
-    try:
-        tokens = sorted(json.loads(text)["model"]["vocab"].items(), key=lambda item: item[1])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise DataBuildError(f"{path} is not a tokenizer.json with a model.vocab table") from None
-    words, table = [], _byte_decoder()
-    for token, _ in tokens:
-        if lang == "en":
-            if re.fullmatch("Ġ[a-z]{2,}", token):
-                words.append(token[1:])
-            continue
-        try:
-            word = bytes(table[c] for c in token).decode("utf-8").strip()
-        except (KeyError, UnicodeDecodeError):
-            continue
-        if re.fullmatch(r"[\u4e00-\u9fff]{2,}", word):
-            words.append(word)
-    return list(dict.fromkeys(words))
+    words = list(dict.fromkeys(w.strip() for w in text.splitlines() if w.strip()))
+    if not words:
+        raise DataBuildError(f"the vocab file {path} has no words")
+    return words
 
 
 VOCAB_PROMPTS = {  # two sentences per word, so a word can be heard in training and tested in another sentence
@@ -433,7 +408,7 @@ def vocab_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set, wr
     already spoken (`spoken`: normalized keys). The split rule decides each sentence's side, so some are held out:
     a test of words heard only in other sentences."""
     known = {w.lower() for w in vocabulary(lang, pool)}
-    new = [w for w in read_vocab(Path(config.vocab), lang) if w.lower() not in known][: config.vocab_count]
+    new = [w for w in read_vocab(config.vocab) if w.lower() not in known][: config.vocab_count]
     out: dict[str, Sentence] = {}
     for word in new:
         for prompt in VOCAB_PROMPTS[lang]:
