@@ -409,3 +409,26 @@ def test_vocab_file_is_one_word_per_line_in_order(tmp_path):
         speech_data.read_vocab(path)
     with pytest.raises(ValueError, match="cannot read the vocab file"):
         speech_data.read_vocab(tmp_path / "missing.txt")
+
+
+def test_dev_split_comes_from_the_training_sentences_and_leaves_the_held_out_ones_alone(tmp_path):
+    def answer(question):
+        return f"Here is my answer to {question.rstrip('?')} now."
+
+    plain = fake_config(tmp_path, "plain", langs=("en",), limit=None, responses="llm", sources=("facts", "answers"))
+    with_dev = replace(plain, out=tmp_path / "dev", dev_fraction=0.3)
+    for config in (plain, with_dev):
+        build(config, answer=answer, engines={"en": SineVoice()}, progress=False)
+    keys = check_dataset(with_dev.out)
+    assert rows(with_dev.out, "heldout", "asr") == rows(plain.out, "heldout", "asr")
+    assert keys["dev"] and keys["dev"] <= {normalize(r["text"]) for r in rows(plain.out, "train", "asr")}
+    assert len(rows(with_dev.out, "dev", "conv")) == len(keys["dev"])
+    meta = json.loads((with_dev.out / "dataset.json").read_text(encoding="utf-8"))
+    assert meta["manifests"]["dev"] == ["asr.dev.jsonl", "conv.dev.jsonl"] and "dev" not in json.loads(
+        (plain.out / "dataset.json").read_text(encoding="utf-8"))["manifests"]
+    spoken_answers = " ".join(r["text"] for r in rows(with_dev.out, "train", "asr") if r["source"] == "answers")
+    dev_questions = [r["text"] for r in rows(with_dev.out, "dev", "asr")]
+    assert all(f"answer to {q.rstrip('?')} now" not in spoken_answers for q in dev_questions)  # nor their answers
+    assert any(f"answer to {r['text'].rstrip('?')} now" in spoken_answers for r in rows(with_dev.out, "train", "asr"))
+    with pytest.raises(ValueError, match="sum below 1"):
+        replace(plain, dev_fraction=0.6)
