@@ -430,5 +430,8 @@ def test_dev_split_comes_from_the_training_sentences_and_leaves_the_held_out_one
     dev_questions = [r["text"] for r in rows(with_dev.out, "dev", "asr")]
     assert all(f"answer to {q.rstrip('?')} now" not in spoken_answers for q in dev_questions)  # nor their answers
     assert any(f"answer to {r['text'].rstrip('?')} now" in spoken_answers for r in rows(with_dev.out, "train", "asr"))
+    build(replace(with_dev, dev_fraction=0.0), answer=answer, engines={"en": SineVoice()}, progress=False)
+    assert not list(with_dev.out.glob("*.dev.jsonl"))  # rebuilt without a dev split: no stale dev manifests
+    assert rows(with_dev.out, "train", "asr") == rows(plain.out, "train", "asr")
     with pytest.raises(ValueError, match="sum below 1"):
         replace(plain, dev_fraction=0.6)

@@ -576,6 +576,8 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
             _write_jsonl(out / (f"{name}.jsonl" if split == "train" else f"{name}.{split}.jsonl"), rows)
             for r in rows:
                 summary.rows[(split, r["lang"], name)] += 1
+    for name in () if config.dev_fraction else ("asr", "conv", "qa"):  # an earlier build's dev rows now train
+        (out / f"{name}.dev.jsonl").unlink(missing_ok=True)
     if answers:
         summary.answers_computed, summary.answers_cached = answers.computed, answers.cached
     _write_metadata(config, engines, summary)
