@@ -377,7 +377,9 @@ def test_vocab_source_speaks_llm_sentences_around_words_no_training_text_has(tmp
 
     config = fake_config(tmp_path, langs=("en",), responses="llm", limit=None, sources=("facts", "vocab"),
                          vocab=str(tmp_path / "words.txt"), vocab_count=25)
-    build(config, answer=answer, engines={"en": SineVoice()}, progress=False)
+    summary = build(config, answer=answer, engines={"en": SineVoice()}, progress=False)
+    assert (summary.vocab_computed, summary.vocab_cached) == (50, 0) and "vocab replies: 50 computed" in "\n".join(
+        summary.lines())
     check_dataset(config.out)
     vocab = {split: [r["text"] for r in rows(config.out, split, "asr") if r["source"] == "vocab"]
              for split in ("train", "heldout")}
@@ -393,8 +395,9 @@ def test_vocab_source_speaks_llm_sentences_around_words_no_training_text_has(tmp
     assert not set(cached) & {json.loads(line)["question"]
                               for line in (config.out / "answers.jsonl").read_text("utf-8").splitlines()}
     before = {split: rows(config.out, split, "asr") for split in ("train", "heldout")}
-    build(config, answer=lambda q: "I think so." if '"' not in q else 1 / 0, engines={"en": SineVoice()},
-          progress=False)  # a rerun asks the cache, not the LLM
+    summary = build(config, answer=lambda q: "I think so." if '"' not in q else 1 / 0, engines={"en": SineVoice()},
+                    progress=False)  # a rerun asks the cache, not the LLM
+    assert (summary.vocab_computed, summary.vocab_cached) == (0, 50)
     assert {split: rows(config.out, split, "asr") for split in ("train", "heldout")} == before
     with pytest.raises(ValueError, match="needs responses 'llm', a vocab file"):
         fake_config(tmp_path, responses="llm", sources=("vocab",))

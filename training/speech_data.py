@@ -171,6 +171,8 @@ class BuildSummary:
     skipped: Counter = field(default_factory=Counter)  # reason -> sentences left out
     answers_computed: int = 0
     answers_cached: int = 0
+    vocab_computed: int = 0  # the vocab source's LLM replies
+    vocab_cached: int = 0
     audio_seconds: float = 0.0
 
     @property
@@ -184,6 +186,8 @@ class BuildSummary:
                    f"{self.audio_seconds / 60:.1f} min of audio")
         if self.answers_computed or self.answers_cached:
             out.append(f"answers: {self.answers_computed} computed, {self.answers_cached} from the cache")
+        if self.vocab_computed or self.vocab_cached:
+            out.append(f"vocab replies: {self.vocab_computed} computed, {self.vocab_cached} from the cache")
         out.append(f"skipped: {self.n_skipped}" + (f" ({dict(self.skipped)})" if self.skipped else ""))
         return out
 
@@ -580,6 +584,8 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
         (out / f"{name}.dev.jsonl").unlink(missing_ok=True)
     if answers:
         summary.answers_computed, summary.answers_cached = answers.computed, answers.cached
+    if "vocab" in config.sources:
+        summary.vocab_computed, summary.vocab_cached = writer.computed, writer.cached
     _write_metadata(config, engines, summary)
     return summary
 
