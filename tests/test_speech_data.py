@@ -401,6 +401,11 @@ def test_vocab_source_speaks_llm_sentences_around_words_no_training_text_has(tmp
     assert {split: rows(config.out, split, "asr") for split in ("train", "heldout")} == before
     with pytest.raises(ValueError, match="needs responses 'llm', a vocab file"):
         fake_config(tmp_path, responses="llm", sources=("vocab",))
+    voice = SineVoice()
+    with pytest.raises(ValueError, match="cannot read the vocab file"):
+        build(replace(config, out=tmp_path / "typo", vocab=str(tmp_path / "wrods.txt")), answer=answer,
+              engines={"en": voice}, progress=False)
+    assert voice.calls == 0  # before any question is spoken
 
 
 def test_vocab_file_is_one_word_per_line_in_order(tmp_path):

@@ -492,6 +492,8 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
 
     if config.responses == "llm" and answer is None:
         raise DataBuildError("responses 'llm' needs an answer(question) -> str callback")
+    if "vocab" in config.sources:
+        read_vocab(config.vocab)  # a bad word list fails now, not after the questions are spoken
     out = config.out
     engines = dict(engines or {})
     for lang in config.langs:
