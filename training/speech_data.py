@@ -621,7 +621,7 @@ def _write_metadata(config: BuildConfig, engines: dict[str, Engine], summary: Bu
         f"- Texts: {', '.join(config.sources)} (chatterbot = chatterbot-corpus Q/A; math = templated arithmetic; "
         f"answers = complete sentences of the cached LLM answers to training questions, ASR rows only; remix = the "
         f"start of one training sentence and the end of another, ASR rows only; words = training words in random "
-        f"order, ASR rows only; vocab = the LLM's sentences around words of {config.vocab} that no training text "
-        f"has, ASR rows only, some held out).", "",
+        f"order, ASR rows only; vocab = the LLM's sentences around words of the --vocab list that no training text "
+        f"has, ASR rows only, some held out)" + (f"; vocab list: {config.vocab}." if config.vocab else "."), "",
     ]
     (config.out / "README.md").write_text("\n".join(readme), encoding="utf-8")
