@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from llasm.training.checkpoint import load_checkpoint  # noqa: E402
+from llasm.training.ctc import ctc_rows_and_targets  # noqa: E402
 from llasm.training.data import Collator, read_manifest  # noqa: E402
 from llasm.training.model import IGNORE  # noqa: E402
 from llasm.training.trainer import TrainConfig, build_model, train  # noqa: E402
@@ -206,6 +207,54 @@ def test_ctc_warm_start_trains_only_the_adaptor_and_learns(tiny_bases, speech_da
     assert "boundary" not in _changed(_snapshot(before.adaptor), _snapshot(after.adaptor))  # CTC ignores them
     with pytest.raises(ValueError, match="stage-1 warm start"):
         TrainConfig(stage=2, objective="ctc", data="x", out="o", init="c")
+
+
+def test_ctc_targets_are_the_transcripts_of_the_asr_rows_only(tiny_bases, speech_data):
+    cfg = TrainConfig(stage=1, data="unused", out="unused", **tiny_bases)
+    model, tok, _ = build_model(cfg)
+    asr = read_manifest(speech_data / "asr.jsonl", model.cfg.transcribe_instruction)
+    conv = read_manifest(speech_data / "conv.jsonl", model.cfg.transcribe_instruction)
+    assert [ex.asr for ex in asr] == [True] * 4 and not any(ex.asr for ex in conv)
+    collate = Collator(tok, model.cfg.prompt, model.cfg.geometry)
+    batch = collate([conv[1], asr[2], conv[2]])  # conversations hold one clip and an answer too
+    n_end = len(collate.tokens(model.cfg.prompt.end_of_turn))
+    with torch.no_grad():
+        chunk_rows = model.audio_rows(batch.mel, batch.n_frames)
+        rows, targets = ctc_rows_and_targets(model, batch, n_end, chunk_rows, samples=[1])
+    assert len(rows) == 1 and targets[0].tolist() == collate.tokens("the quick brown fox")
+    torch.testing.assert_close(rows[0], chunk_rows[1][1:-1])  # the clip's rows, without begin and end rows
+
+
+def test_auxiliary_ctc_joins_the_llm_loss_and_resumes_exactly(tiny_bases, speech_data, tmp_path):
+    common = dict(stage=1, data=[str(speech_data / "asr.jsonl"), str(speech_data / "conv.jsonl")], steps=6,
+                  batch_size=4, lr=1e-2, warmup=1, save_every=3, stack_factor=2, **tiny_bases)
+    plain = load_checkpoint(train(TrainConfig(out=str(tmp_path / "plain"), **common)))
+    aux = dict(common, ctc_weight=0.5, ctc_head_lr=5e-2)
+    straight = load_checkpoint(train(TrainConfig(out=str(tmp_path / "straight"), **aux)))
+    loss, ctc = straight[2]["train"]["loss"], straight[2]["train"]["ctc_loss"]
+    assert loss[0] == pytest.approx(plain[2]["train"]["loss"][0], abs=1e-6)  # `loss` is the LLM's, as without
+    assert len(ctc) == 6 and all(c is None or c > 0 for c in ctc) and ctc[0] is not None
+    assert not torch.equal(plain[0].adaptor.out.weight, straight[0].adaptor.out.weight)  # CTC moved it
+
+    cfg = TrainConfig(out=str(tmp_path / "resumed"), **aux)
+    with pytest.raises(_Killed):
+        train(cfg, on_step=lambda s, l: (_ for _ in ()).throw(_Killed()) if s == 4 else None)
+    resumed = load_checkpoint(train(cfg))
+    assert resumed[2]["train"]["loss"] == pytest.approx(loss, abs=1e-6)
+    assert resumed[2]["train"]["ctc_loss"] == pytest.approx(ctc, abs=1e-5)
+    for (name, x), (_, y) in zip(straight[0].adaptor.state_dict().items(), resumed[0].adaptor.state_dict().items()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_auxiliary_ctc_lowers_the_ctc_loss(tiny_bases, speech_data, tmp_path):
+    cfg = TrainConfig(stage=1, data=str(speech_data / "asr.jsonl"), out=str(tmp_path / "c"), steps=10, batch_size=4,
+                      lr=1e-2, warmup=1, stack_factor=2, ctc_weight=1.0, ctc_head_lr=5e-2, **tiny_bases)
+    ctc = load_checkpoint(train(cfg))[2]["train"]["ctc_loss"]
+    assert ctc[-1] < ctc[0]  # the same 4 clips every step
+    with pytest.raises(ValueError, match="CTC alone"):
+        TrainConfig(stage=1, objective="ctc", ctc_weight=0.5, data="x", out="o", init="c")
+    with pytest.raises(ValueError, match=">= 0"):
+        TrainConfig(stage=2, ctc_weight=-1.0, data="x", out="o", init="c")
 
 
 def test_gradient_checkpointing_gives_the_same_step(stage1, speech_data, tmp_path):

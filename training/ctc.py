@@ -3,7 +3,8 @@
 Each adaptor row (begin/end rows aside) is compared with every token embedding (cosine, learned scale) plus a
 learned blank; CTC on the transcript's tokens pulls rows towards the embeddings of the spoken tokens, so the LLM
 later reads them almost as text. About 50x cheaper a sample than the LLM-based stage 1 on a 0.5B LLM; a warm
-start for it, not a replacement (the LLM-based stages follow with `init`).
+start for it, not a replacement (the LLM-based stages follow with `init`). The same head serves later stages as an
+auxiliary loss beside the LLM's (`ctc_weight`), on the batch's ASR rows only.
 """
 from __future__ import annotations
 
@@ -42,16 +43,20 @@ class CTCHead(nn.Module):
         return ctc + self.norm_weight * ((norms - 1) ** 2).mean()  # rows keep the token embeddings' size
 
 
-def ctc_rows_and_targets(model, batch, n_end: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def ctc_rows_and_targets(model, batch, n_end: int, chunk_rows=None, samples=None
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Audio rows of each sample's (single) audio part and the token ids of its assistant answer, without the
-    n_end end-of-turn tokens that close it."""
-    chunk_rows = model.audio_rows(batch.mel, batch.n_frames, batch.keys)
+    n_end end-of-turn tokens that close it. chunk_rows: the batch's audio rows, if computed already; samples: the
+    indices of the batch's ASR samples (default: every sample, each of which must be one)."""
+    if chunk_rows is None:
+        chunk_rows = model.audio_rows(batch.mel, batch.n_frames, batch.keys)
     rows, targets = [], []
-    for item in batch.items:
+    for i in range(len(batch.items)) if samples is None else samples:
+        item = batch.items[i]
         audio = [p for p in item if p[0] == "audio"]
         labelled = [p[1][p[2] != -100] for p in item if p[0] == "text" and (p[2] != -100).any()]
         if len(audio) != 1 or not labelled:
-            raise ValueError("CTC warm start needs ASR rows: one audio part and one transcript each")
-        rows.append(torch.cat([chunk_rows[i][1:-1] for i in audio[0][1]]))
+            raise ValueError("CTC needs ASR rows: one audio part and one transcript each")
+        rows.append(torch.cat([chunk_rows[c][1:-1] for c in audio[0][1]]))
         targets.append(labelled[-1][: labelled[-1].numel() - n_end])
     return rows, targets

@@ -29,6 +29,7 @@ class ManifestError(ValueError):
 @dataclass(frozen=True)
 class Example:
     turns: tuple  # of Turn; audio parts are Paths
+    asr: bool = False  # an ASR row: one clip, and its transcript as the answer
 
 
 def _parse_turn(turn: dict, root: Path, where: str) -> Turn:
@@ -75,7 +76,7 @@ def read_manifest(path, transcribe_instruction: str) -> list[Example]:
             raise ManifestError(f"{where}: a row needs 'turns', or 'audio' and 'text'")
         if not any(t.role == "assistant" for t in turns):
             raise ManifestError(f"{where}: a training conversation needs an assistant turn")
-        out.append(Example(turns))
+        out.append(Example(turns, asr="turns" not in row))
     if not out:
         raise ManifestError(f"manifest {path} has no rows")
     return out

@@ -122,9 +122,11 @@ class LLaSMModel(nn.Module):
         frames = frames * keep[..., None].to(frames.dtype)  # (A, T', C), zero past each end
         return self.adaptor.rows(frames, n_enc)
 
-    def assemble(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> inputs_embeds (B, L, D), attention_mask (B, L), labels (B, L), right-padded."""
-        rows = self.audio_rows(batch.mel, batch.n_frames, batch.keys) if batch.mel.numel() else []
+    def assemble(self, batch: Batch, rows=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> inputs_embeds (B, L, D), attention_mask (B, L), labels (B, L), right-padded. rows: the batch's
+        audio_rows, when the caller has them already."""
+        if rows is None:
+            rows = self.audio_rows(batch.mel, batch.n_frames, batch.keys) if batch.mel.numel() else []
         seqs, labels = [], []
         for item in batch.items:
             parts, labs = [], []
@@ -169,10 +171,12 @@ class LLaSMModel(nn.Module):
             n = min(n, int(labelled[0]) - 1) if labelled.numel() else n
         return n if n > 1 else 0
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Mean next-token cross-entropy over labelled positions; logits only where the loss needs them."""
+    def forward(self, batch: Batch, return_rows: bool = False):
+        """Mean next-token cross-entropy over labelled positions; logits only where the loss needs them. With
+        return_rows: (loss, the audio rows of each chunk), for a second loss on the same rows."""
         n_prefix = self.shared_prefix(batch)
-        embeds, mask, labels = self.assemble(batch)
+        rows = self.audio_rows(batch.mel, batch.n_frames, batch.keys) if batch.mel.numel() else []
+        embeds, mask, labels = self.assemble(batch, rows)
         decoder = self.llm.get_decoder()
         if n_prefix:
             from transformers import DynamicCache
@@ -193,7 +197,8 @@ class LLaSMModel(nn.Module):
         cap = getattr(self.llm.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return F.cross_entropy(logits.float(), target[where])
+        loss = F.cross_entropy(logits.float(), target[where])
+        return (loss, rows) if return_rows else loss
 
     @torch.no_grad()
     def logits(self, embeds: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,8 @@ from .model import EncoderCache, LLaSMConfig, LLaSMModel
 log = logging.getLogger(__name__)
 
 # Fields added after runs were made: at these defaults they stay out of the digest, so those runs still resume.
-_LATER_FIELDS = {"adaptor": "stack-mlp", "n_queries": 64, "train_decoder": False, "group_by_length": False}
+_LATER_FIELDS = {"adaptor": "stack-mlp", "n_queries": 64, "train_decoder": False, "group_by_length": False,
+                 "ctc_weight": 0.0, "ctc_head_lr": 0.0}
 GROUP_SPAN = 32  # group_by_length sorts within windows of this many batches
 MAX_BAD_STEPS = 20  # non-finite gradients in a row that end a run (single ones are skipped: bf16 on a GPU had them)
 LLM_MODES = ("lora", "full", "frozen")  # stage 2; frozen: only the adaptor learns, the LLM ships untouched
@@ -69,6 +70,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     workers: int = 0  # data-loading processes
     objective: str = "llm"  # llm: next-token loss through the LLM; ctc: warm start against token embeddings
+    ctc_weight: float = 0.0  # objective llm: adds this x the CTC loss of the ASR rows' adaptor rows (same head as
+    #                          objective ctc), so that the rows keep spelling their words while the LLM learns
+    ctc_head_lr: float = 0.0  # learning rate of the CTC head (blank direction, logit scale); 0: lr
     cache_encoder: bool = True  # keep frozen-encoder outputs (CPU) so later epochs skip the encoder
     group_by_length: bool = False  # batches of similar length: less padding (62% -> 98% of positions used here)
     eval_data: str | list = ""  # manifest(s) never trained on: their mean loss is logged at every save and kept
@@ -86,6 +90,10 @@ class TrainConfig:
             raise ValueError(f"objective must be llm or ctc, got {self.objective!r}")
         if self.objective == "ctc" and self.stage != 1:
             raise ValueError("the ctc objective is a stage-1 warm start (stage = 1)")
+        if self.ctc_weight < 0 or self.ctc_head_lr < 0:
+            raise ValueError(f"ctc_weight and ctc_head_lr must be >= 0, got {self.ctc_weight}, {self.ctc_head_lr}")
+        if self.ctc_weight and self.objective == "ctc":
+            raise ValueError("ctc_weight adds CTC to the llm objective; objective = \"ctc\" is CTC alone")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.init and not (self.whisper and self.llm):
@@ -259,14 +267,22 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
     collate = Collator(tokenizer, model.cfg.prompt, model.cfg.geometry)
     lengths = [example_length(ex) for ex in examples] if cfg.group_by_length else None
     head = None
-    if cfg.objective == "ctc":
+    if cfg.objective == "ctc" or cfg.ctc_weight:
         with torch.no_grad():
-            head = CTCHead(model.embed_tokens(torch.arange(model.llm.config.vocab_size))).to(acc.device)
+            # as an auxiliary loss, CTC leaves the rows' size alone (cosine): the LLM has learnt to read them at
+            # theirs (the release's are ~86x a token embedding's)
+            head = CTCHead(model.embed_tokens(torch.arange(model.llm.config.vocab_size)),
+                           norm_weight=0.0 if cfg.ctc_weight else 0.1).to(acc.device)
         if resume:
             head.load_state_dict(resume["ctc_head"])
         n_end = len(collate.tokens(model.cfg.prompt.end_of_turn))
-    params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    head_params = list(head.parameters()) if head else []
+    params = trained + head_params
+    groups = params  # one group unless the head has a learning rate of its own: earlier CTC runs resume as they were
+    if head_params and cfg.ctc_head_lr:
+        groups = [{"params": trained}, {"params": head_params, "lr": cfg.ctc_head_lr}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     start = 0
     if resume:
@@ -284,25 +300,38 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
              sum(p.numel() for p in params), llm_mode, precision, acc.device)
     n_items = bad_run = 0
     skipped = list(ckpt["train"].get("skipped", [])) if resume else []
+    ctc_history = list(ckpt["train"].get("ctc_loss", [])) if resume else []  # ctc_weight: per step, None without ASR
     t0 = time.perf_counter()
     bar = _progress(cfg.steps, start, acc.is_main_process)
 
-    def batch_loss(rows):
+    def batch_loss(rows, aux: bool = False):
+        """-> the objective's mean loss over rows, or with aux (loss, CTC loss of the rows' ASR samples or None)."""
         batch = collate(rows).to(acc.device)
         with acc.autocast():
-            return model(batch) if head is None else head.loss(*ctc_rows_and_targets(inner, batch, n_end))
+            if cfg.objective == "ctc":
+                loss = head.loss(*ctc_rows_and_targets(inner, batch, n_end))
+            elif not (aux and cfg.ctc_weight):
+                loss = model(batch)
+            else:  # one pass of the adaptor for both losses
+                loss, chunk_rows = model(batch, return_rows=True)
+                asr = [i for i, ex in enumerate(rows) if ex.asr]
+                ctc = head.loss(*ctc_rows_and_targets(inner, batch, n_end, chunk_rows, asr)) if asr else None
+                return loss, ctc
+        return (loss, None) if aux else loss
 
     def evaluate(step):
         if held_out and acc.is_main_process:
             evals.append([step, held_out_loss(inner, held_out, batch_loss, cfg.batch_size)])
             log.info("step %d held-out loss %.4f (%d rows)", step, evals[-1][1], len(held_out))
             if cfg.keep_best and evals[-1][1] <= min(e[1] for e in evals):
-                save_checkpoint(inner, best_dir(cfg), base, _info(cfg, step, history, evals, skipped), llm_mode)
+                save_checkpoint(inner, best_dir(cfg), base, _info(cfg, step, history, evals, skipped, ctc=ctc_history),
+                                llm_mode)
 
     for step in range(start, cfg.steps):
-        loss = batch_loss([examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, step, lengths)])
+        rows = [examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, step, lengths)]
+        loss, ctc = batch_loss(rows, aux=True)
         opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
+        acc.backward(loss if ctc is None else loss + cfg.ctc_weight * ctc)
         if torch.isfinite(acc.clip_grad_norm_(params, 1.0)):
             opt.step()
             bad_run = 0
@@ -315,19 +344,22 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
                                    f"the run diverged: lower lr, or precision = \"fp32\" if it is {precision}")
         sched.step()
         history.append(float(loss.detach()))
+        if cfg.ctc_weight:
+            ctc_history.append(None if ctc is None else float(ctc.detach()))
         n_items += cfg.batch_size
         rate = n_items / (time.perf_counter() - t0)
         if bar is not None:
             bar.set_postfix(loss=f"{history[-1]:.3f}", samples_s=f"{rate:.2f}")
             bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step == start:
-            log.info("step %d/%d loss %.4f, %.2f samples/s", step + 1, cfg.steps, history[-1], rate)
+            log.info("step %d/%d loss %.4f%s, %.2f samples/s", step + 1, cfg.steps, history[-1],
+                     "" if ctc is None else f" (+ ctc {ctc_history[-1]:.4f} x {cfg.ctc_weight:g})", rate)
         if on_step is not None:
             on_step(step + 1, history[-1])
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps and acc.is_main_process:
             evaluate(step + 1)
             _save(inner, cfg, base, llm_mode, history, step + 1, opt, sched, head=head, evals=evals,
-                  skipped=skipped)
+                  skipped=skipped, ctc=ctc_history)
     if bar is not None:
         bar.close()
     samples_s = n_items / max(time.perf_counter() - t0, 1e-9)
@@ -335,7 +367,7 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
     inner.eval()
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     return _save(inner, cfg, base, llm_mode, history, cfg.steps, opt, sched, head=head, evals=evals, skipped=skipped,
-                 extra={"samples_per_s": samples_s, "peak_gpu_bytes": peak, "precision": precision})
+                 ctc=ctc_history, extra={"samples_per_s": samples_s, "peak_gpu_bytes": peak, "precision": precision})
 
 
 def best_dir(cfg: TrainConfig) -> Path:
@@ -368,9 +400,12 @@ def held_out_loss(model: LLaSMModel, examples: list, batch_loss, batch_size: int
     return total / len(examples)
 
 
-def _info(cfg: TrainConfig, step: int, history, evals=(), skipped=(), extra=None) -> dict:
-    """The run's record in a checkpoint's config: settings, digest, step, losses, held-out losses, skipped steps."""
+def _info(cfg: TrainConfig, step: int, history, evals=(), skipped=(), extra=None, ctc=()) -> dict:
+    """The run's record in a checkpoint's config: settings, digest, step, losses, held-out losses, skipped steps,
+    and with ctc_weight the auxiliary CTC loss of each step."""
     info = {"config": asdict(cfg), "digest": cfg.digest(), "step": step, "loss": list(history), **(extra or {})}
+    if ctc:
+        info["ctc_loss"] = list(ctc)
     if evals:
         info["eval"] = [list(e) for e in evals]
     if skipped:
@@ -379,8 +414,8 @@ def _info(cfg: TrainConfig, step: int, history, evals=(), skipped=(), extra=None
 
 
 def _save(model, cfg, base, llm_mode, history, step, opt, sched, extra=None, head=None, evals=(),
-          skipped=()) -> Path:
-    info = _info(cfg, step, history, evals, skipped, extra)
+          skipped=(), ctc=()) -> Path:
+    info = _info(cfg, step, history, evals, skipped, extra, ctc)
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "torch_rng": torch.get_rng_state()}
     if head is not None:
