@@ -255,6 +255,8 @@ def test_auxiliary_ctc_lowers_the_ctc_loss(tiny_bases, speech_data, tmp_path):
         TrainConfig(stage=1, objective="ctc", ctc_weight=0.5, data="x", out="o", init="c")
     with pytest.raises(ValueError, match=">= 0"):
         TrainConfig(stage=2, ctc_weight=-1.0, data="x", out="o", init="c")
+    with pytest.raises(ValueError, match="has none"):
+        TrainConfig(stage=2, ctc_head_lr=1e-2, data="x", out="o", init="c")
 
 
 def test_gradient_checkpointing_gives_the_same_step(stage1, speech_data, tmp_path):

@@ -94,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"ctc_weight and ctc_head_lr must be >= 0, got {self.ctc_weight}, {self.ctc_head_lr}")
         if self.ctc_weight and self.objective == "ctc":
             raise ValueError("ctc_weight adds CTC to the llm objective; objective = \"ctc\" is CTC alone")
+        if self.ctc_head_lr and not (self.ctc_weight or self.objective == "ctc"):
+            raise ValueError("ctc_head_lr is the CTC head's learning rate, and this run has none: set ctc_weight")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.init and not (self.whisper and self.llm):
