@@ -235,6 +235,14 @@ def test_auxiliary_ctc_joins_the_llm_loss_and_resumes_exactly(tiny_bases, speech
     assert loss[0] == pytest.approx(plain[2]["train"]["loss"][0], abs=1e-6)  # `loss` is the LLM's, as without
     assert len(ctc) == 6 and all(c is None or c > 0 for c in ctc) and ctc[0] is not None
     assert not torch.equal(plain[0].adaptor.out.weight, straight[0].adaptor.out.weight)  # CTC moved it
+    groups = torch.load(tmp_path / "straight" / "trainer_state.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [1e-2, 5e-2]  # the head learns at its own rate (warmup done)
+
+    no_asr = dict(aux, data=str(speech_data / "conv.jsonl"))  # spoken questions only: nothing for CTC to read
+    quiet = load_checkpoint(train(TrainConfig(out=str(tmp_path / "no-asr"), **no_asr)))
+    assert quiet[2]["train"]["ctc_loss"] == [None] * 6
+    alone = load_checkpoint(train(TrainConfig(out=str(tmp_path / "conv"), **dict(common, data=no_asr["data"]))))
+    assert quiet[2]["train"]["loss"] == pytest.approx(alone[2]["train"]["loss"], abs=1e-6)
 
     cfg = TrainConfig(out=str(tmp_path / "resumed"), **aux)
     with pytest.raises(_Killed):

@@ -71,7 +71,8 @@ class TrainConfig:
     workers: int = 0  # data-loading processes
     objective: str = "llm"  # llm: next-token loss through the LLM; ctc: warm start against token embeddings
     ctc_weight: float = 0.0  # objective llm: adds this x the CTC loss of the ASR rows' adaptor rows (same head as
-    #                          objective ctc), so that the rows keep spelling their words while the LLM learns
+    #                          objective ctc), so that the rows keep spelling their words while the LLM learns;
+    #                          the logged and held-out losses stay the LLM's, the term is logged as ctc_loss
     ctc_head_lr: float = 0.0  # learning rate of the CTC head (blank direction, logit scale); 0: lr
     cache_encoder: bool = True  # keep frozen-encoder outputs (CPU) so later epochs skip the encoder
     group_by_length: bool = False  # batches of similar length: less padding (62% -> 98% of positions used here)
