@@ -217,7 +217,8 @@ class Chat:
 
     def _load(self, items: list) -> int:
         """Make the KV cache hold exactly `items`, keeping the longest token prefix it already holds
-        (a system prompt another conversation left there); -> positions that had to be computed."""
+        (a system prompt another conversation left there); -> positions that had to be computed. The last position
+        is always computed: llama.cpp's logits are those of the last decode, and the caller reads them next."""
         llm = self.model.llm
         same = 0
         for f in items:
@@ -228,6 +229,7 @@ class Chat:
             same += n
             if n < len(f):
                 break
+        same = min(same, sum(len(f) for f in items) - 1)
         llm.truncate(same)
         skip, rest = same, []
         for f in items:

@@ -108,6 +108,26 @@ def test_new_conversations_reuse_the_cached_system_prompt(bundle):
     model.close()
 
 
+def test_a_new_conversation_that_repeats_the_cached_one_is_answered(bundle, monkeypatch):
+    """Every position of the first turn is already in the KV cache: its last one is computed again all the same,
+    because the logits read next are those of the last decode (they used to be the previous answer's end; the
+    release model then answered nothing)."""
+    import llasm.runtime.chat as chat_module
+
+    seen = []
+    sample = chat_module._sample
+    monkeypatch.setattr(chat_module, "_sample", lambda logits, *a: (seen.append(logits.copy()), sample(logits, *a))[1])
+    model = LLaSM.load(bundle)
+    chat = model.chat()
+    first = chat.send(text="hi", max_tokens=4)
+    chat.reset()
+    again = chat.send(text="hi", max_tokens=4)
+    assert again.text == first.text
+    np.testing.assert_allclose(seen[4], seen[0], atol=1e-4)  # the first token's logits, both times
+    _cache_matches_history(model, chat)
+    model.close()
+
+
 def test_a_spoken_turn_is_one_decode_with_the_per_segment_result(bundle):
     model = LLaSM.load(bundle)
     llm = model.llm
