@@ -55,6 +55,11 @@ class AudioGeometry:
         """Longest audio one encoder pass takes (30 s)."""
         return self.max_encoder_positions * self.encoder_stride * self.hop_length
 
+    @property
+    def samples_per_row(self) -> int:
+        """Audio samples one adaptor row stands for (2560, 160 ms, at stack 8); rows start on multiples of it."""
+        return self.stack_factor * self.encoder_stride * self.hop_length
+
     def n_frames(self, n_samples: int) -> int:
         """log-mel frames for n_samples (Whisper drops the last STFT frame)."""
         return n_samples // self.hop_length
@@ -160,3 +165,48 @@ def resample(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
         vals = np.where(valid, samples[np.clip(idx, 0, samples.size - 1)], 0.0)
         out[start:start + t.size] = (vals * w).sum(axis=1)
     return out
+
+
+class StreamResampler:
+    """resample() for audio that arrives in blocks (a microphone): each push returns the output samples that no later
+    input can change, equal to those of resample() over all the input so far; flush() returns the rest."""
+
+    def __init__(self, rate_in: int, rate_out: int = SAMPLE_RATE):
+        if rate_in <= 0:
+            raise AudioError(f"sample rate must be positive, got {rate_in}")
+        g = math.gcd(rate_in, rate_out)
+        self.rate_in, self.rate_out = rate_in, rate_out
+        self.up, self.down = rate_out // g, rate_in // g
+        self.reach = int(math.ceil(16 / min(1.0, self.up / self.down))) + 2  # input samples a filter reaches, > taps
+        self._buf = np.zeros(0, np.float32)
+        self._offset = 0  # input index of _buf[0], a multiple of down
+        self._n_in = 0  # input samples pushed
+        self._n_out = 0  # output samples returned
+
+    def _emit(self, n_out: int) -> np.ndarray:
+        """Output samples [_n_out, n_out), from the buffered input; drops input no later output needs."""
+        if n_out <= self._n_out:
+            return np.zeros(0, np.float32)
+        out = resample(self._buf, self.rate_in, self.rate_out)  # output 0 is input time _offset: aligned on down
+        first = self._offset * self.up // self.down
+        y = out[self._n_out - first: n_out - first]
+        self._n_out = n_out
+        keep = max(0, (n_out * self.down // self.up - self.reach) // self.down * self.down)  # multiple of down
+        if keep > self._offset:
+            self._buf, self._offset = self._buf[keep - self._offset:], keep
+        return y
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        if self.up == self.down:
+            return np.asarray(block, np.float32)
+        self._buf = np.concatenate([self._buf, np.asarray(block, np.float32)])
+        self._n_in += len(block)
+        # output j is final once every input its filter reads has come: floor(j * down / up) + reach <= n_in
+        return self._emit(max(0, ((self._n_in - self.reach) * self.up) // self.down + 1))
+
+    def flush(self) -> np.ndarray:
+        """The last output samples (the input has ended)."""
+        if self.up == self.down:
+            return np.zeros(0, np.float32)
+        return self._emit(int(math.ceil(self._n_in * self.up / self.down)))
+

@@ -4,6 +4,7 @@
     rec.start()                   # capture runs in PortAudio's callback thread
     rec.level_db, rec.seconds     # readable while recording (for a level meter)
     samples = rec.stop()          # float32 at 16 kHz, leading/trailing silence trimmed
+    rec.start(sink=listener.feed) # also hand each 16 kHz block to a consumer as it comes (Chat.listen)
 
 sounddevice (and the PortAudio library under it) is optional at run time: without it files and text still work,
 and only the microphone raises MicError with an install hint.
@@ -16,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, AudioError, resample
+from .audio import SAMPLE_RATE, AudioError, StreamResampler
 
 log = logging.getLogger(__name__)
 
@@ -94,28 +95,34 @@ def rms_db(x: np.ndarray) -> float:
     return max(FLOOR_DB, 10.0 * np.log10(ms)) if ms > 0 else FLOOR_DB
 
 
-def trim_silence(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, margin: float = MARGIN_SECONDS) -> np.ndarray:
-    """Cut leading and trailing silence, keeping `margin` seconds around the speech; empty if all of it is silent.
+def voiced_span(samples: np.ndarray, sample_rate: int = SAMPLE_RATE,
+                margin: float = MARGIN_SECONDS) -> tuple[int, int] | None:
+    """(start, end) sample range of the speech with `margin` seconds around it; None if all of it is silent.
 
     A frame is voiced when its energy is MIN_CONTRAST_DB (or a third of the floor-to-peak range, if more) above
     the noise floor. A recording with no such contrast (speech throughout, or steady noise) is kept whole."""
     frame = max(1, int(round(FRAME_SECONDS * sample_rate)))
     n = samples.size // frame
     if n == 0:
-        return samples[:0] if rms_db(samples) < SILENT_DBFS else samples
+        return None if rms_db(samples) < SILENT_DBFS else (0, samples.size)
     frames = samples[: n * frame].astype(np.float64).reshape(n, frame)  # (n_frames, frame)
     db = 10.0 * np.log10(np.mean(frames ** 2, axis=1) + 1e-12)  # (n_frames,)
     peak = float(db.max())
     if peak < SILENT_DBFS:
-        return samples[:0]
+        return None
     floor = max(float(np.percentile(db, NOISE_PERCENTILE)), MIN_FLOOR_DBFS)
     if peak - floor < MIN_CONTRAST_DB:
-        return samples
+        return 0, samples.size
     voiced = np.flatnonzero(db > floor + max(MIN_CONTRAST_DB, (peak - floor) / 3))
     keep = int(round(margin * sample_rate))
-    start = max(0, voiced[0] * frame - keep)
-    end = min(samples.size, (voiced[-1] + 1) * frame + keep)
-    return samples[start:end]
+    return max(0, voiced[0] * frame - keep), min(samples.size, (voiced[-1] + 1) * frame + keep)
+
+
+def trim_silence(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, margin: float = MARGIN_SECONDS) -> np.ndarray:
+    """Cut leading and trailing silence, keeping `margin` seconds around the speech (voiced_span); empty if all of
+    it is silent."""
+    span = voiced_span(samples, sample_rate, margin)
+    return samples[:0] if span is None else samples[span[0]:span[1]]
 
 
 class Recorder:
@@ -134,7 +141,9 @@ class Recorder:
         self.stream_factory = stream_factory or sounddevice_stream(device)
         self._lock = threading.Lock()
         self._stream = None
-        self._blocks: list[np.ndarray] = []
+        self._blocks: list[np.ndarray] = []  # 16 kHz
+        self._resampler = None  # device rate -> 16 kHz, block by block
+        self._sink = None
         self._n = 0  # samples captured, at the stream's rate
         self._rate = SAMPLE_RATE
         self._limit = 0
@@ -156,7 +165,9 @@ class Recorder:
         """RMS level of the latest block, dBFS."""
         return self._level
 
-    def start(self) -> None:
+    def start(self, sink: Callable | None = None) -> None:
+        """Start capturing. sink: called with each block of 16 kHz float32 samples as it comes (from the audio
+        thread: it must return quickly), and with the last ones at stop()."""
         if self._stream is not None:
             raise MicError("the recorder is already recording")
         with self._lock:
@@ -164,6 +175,8 @@ class Recorder:
         stream = self.stream_factory(self._callback)
         self._rate = int(stream.samplerate)
         self._limit = int(round(self.max_seconds * self._rate))
+        self._resampler = StreamResampler(self._rate) if self._rate != SAMPLE_RATE else None
+        self._sink = sink
         try:
             stream.start()
         except MicError:
@@ -185,11 +198,17 @@ class Recorder:
                 self.capped = True
                 return
             block = block[:room].copy()  # sounddevice reuses its buffer after the callback returns
-            self._blocks.append(block)
             self._n += block.size
             self._level = rms_db(block)
             if self._n >= self._limit:
                 self.capped = True
+            self._add(self._resampler.push(block) if self._resampler else block)
+
+    def _add(self, block: np.ndarray) -> None:
+        if block.size:
+            self._blocks.append(block)
+            if self._sink is not None:
+                self._sink(block)
 
     def stop(self) -> np.ndarray:
         """Stop capturing and return the recording: float32 at 16 kHz, silence trimmed (empty if all silent)."""
@@ -207,8 +226,9 @@ class Recorder:
         if self.capped:
             log.info("recording stopped at the %.0f s limit", self.max_seconds)
         with self._lock:
+            if self._resampler is not None:
+                self._add(self._resampler.flush())
             samples = np.concatenate(self._blocks) if self._blocks else np.zeros(0, np.float32)
             self._level = FLOOR_DB
-        if self._rate != SAMPLE_RATE and samples.size:
-            samples = resample(samples, self._rate, SAMPLE_RATE)
+            self._sink = None
         return trim_silence(samples) if self.trim else samples

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import tiny
-from llasm.runtime.audio import AudioError, AudioGeometry, load_audio, resample
+from llasm.runtime.audio import AudioError, AudioGeometry, StreamResampler, load_audio, resample
 
 sf = pytest.importorskip("soundfile")
 
@@ -31,6 +31,24 @@ def test_resampling_keeps_a_tone_and_removes_what_16k_cannot_hold():
     assert y_low.size == 16000
     assert 0.65 < np.sqrt(np.mean(y_low[200:-200] ** 2)) < 0.76  # RMS of a unit sine: 0.707
     assert np.sqrt(np.mean(y_high[200:-200] ** 2)) < 0.01
+
+
+@pytest.mark.parametrize("rate", [48000, 44100, 22050, 8000, 16000])
+def test_resampling_block_by_block_gives_what_resampling_the_whole_gives(rate):
+    x = tiny.speech(1.3, rate=rate)
+    stream = StreamResampler(rate)
+    rng = np.random.default_rng(0)
+    blocks, i = [], 0
+    while i < x.size:
+        n = int(rng.integers(1, 2500))
+        blocks.append(stream.push(x[i:i + n]))
+        i += n
+    blocks.append(stream.flush())
+    assert all(b.dtype == np.float32 for b in blocks)
+    got, want = np.concatenate(blocks), resample(x, rate, 16000)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert stream._buf.size < 2 * 2500 + 4 * stream.reach  # it keeps only the input later samples read
 
 
 @pytest.mark.parametrize("make,match", [

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import tiny
+from llasm.runtime.audio import resample
 from llasm.runtime.mic import INSTALL_HINT, MicError, Recorder, input_device, rms_db, trim_silence
 
 SR = 16_000
@@ -90,6 +91,23 @@ def test_48k_stereo_device_is_mixed_down_and_resampled():
     ref = tiny.speech(1.0)  # the same voiced sound computed at 16 kHz (only the small noise differs)
     n = min(out.size, ref.size) - 200
     assert np.corrcoef(out[100:n], ref[100:n])[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("rate", [16_000, 48_000])
+def test_a_sink_gets_the_recording_as_it_comes(rate):
+    x = padded_speech() if rate == SR else tiny.speech(1.0, rate=rate)
+    got = []
+    rec = Recorder(stream_factory=fake(x, samplerate=rate, block=999), trim=False)
+    rec.start(sink=got.append)
+    n = len(got)
+    assert n > 10 and all(b.dtype == np.float32 and b.ndim == 1 for b in got)
+    out = rec.stop()
+    assert len(got) >= n  # the last samples come at stop()
+    np.testing.assert_array_equal(np.concatenate(got), out)  # 16 kHz: block by block, what stop() returns
+    np.testing.assert_allclose(out, resample(x, rate, SR), atol=1e-6)  # ...which is all of it, resampled
+    total = len(got)
+    rec.start()  # the next recording without a sink: nothing more is handed out
+    assert rec.stop().size == out.size and len(got) == total
 
 
 def test_trimming_removes_silence_and_keeps_speech():
