@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from .bundle import Bundle, BundleError, read_bundle
 from .encoder import AudioEncoder
 from .llm import LLM, ContextFull
 from .prompt import Turn, transcribe_turns
+
+if TYPE_CHECKING:
+    from .listen import Listener
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +209,11 @@ class Chat:
             out.append(next(rows) if seg.is_audio else self.model.llm.tokenize(seg.text))
         return out
 
+    def _prefix(self) -> list:
+        """The feed of a spoken user turn up to its audio (chat markup; the system prompt in a new conversation)."""
+        feed = self._feed(Turn("user", (np.zeros(0, np.float32),)), [None], start=not self.exchanges)
+        return feed[:feed.index(None)]
+
     def _replay(self, exchanges: list[_Exchange]) -> list:
         fed = []
         for i, ex in enumerate(exchanges):
@@ -229,22 +237,15 @@ class Chat:
             same += n
             if n < len(f):
                 break
-        same = min(same, sum(len(f) for f in items) - 1)
+        same = min(same, _size(items) - 1)
         llm.truncate(same)
-        skip, rest = same, []
-        for f in items:
-            if skip >= len(f):
-                skip -= len(f)
-                continue
-            rest.append(f[skip:])
-            skip = 0
-        self._prefill(rest)
+        self._prefill(_skip(items, same))
         return llm.n_past - same
 
     def _sync(self) -> None:
         """Make the KV cache hold exactly this chat's history (another chat may have used it)."""
         llm = self.model.llm
-        if not self._fed or (self.model.owner is self and llm.n_past == sum(len(f) for f in self._fed)):
+        if not self._fed or (self.model.owner is self and llm.n_past == _size(self._fed)):
             self.model.owner = self  # a new conversation loads its first turn with _load, reusing the cache
             return
         self.model.owner = None
@@ -254,36 +255,53 @@ class Chat:
     def _fit(self, turn: Turn, rows: list, reserve: int) -> list:
         """The new turn's feed, dropping the oldest exchanges (and prefilling the rest again) if needed."""
         llm = self.model.llm
-        size = lambda items: sum(len(f) for f in items)  # noqa: E731
         feed = self._feed(turn, rows, start=not self.exchanges)
-        if size(self._fed) + size(feed) + reserve <= llm.n_ctx:  # not n_past: another chat's leftovers don't count
+        if _size(self._fed) + _size(feed) + reserve <= llm.n_ctx:  # not n_past: another chat's leftovers don't count
             return feed
         for drop in range(1, len(self.exchanges) + 1):
             kept = self.exchanges[drop:]
             fed = self._replay(kept)
             feed = self._feed(turn, rows, start=not kept)
-            if size(fed) + size(feed) + reserve <= llm.n_ctx:
+            if _size(fed) + _size(feed) + reserve <= llm.n_ctx:
                 log.info("context full: dropped the %d oldest exchange(s)", drop)
                 llm.truncate(0)
                 self.exchanges, self._fed = kept, fed
                 self.dropped += drop
                 self._prefill(fed)
                 return feed
-        raise ContextFull(f"this turn needs {size(feed) + reserve} positions (with {reserve} for the answer), "
+        raise ContextFull(f"this turn needs {_size(feed) + reserve} positions (with {reserve} for the answer), "
                           f"the context holds {llm.n_ctx}")
 
-    def _generate(self, turn, rows, reply, t0, t_feat, t_enc, max_tokens, temperature, seed):
+    def listen(self, trim: bool = True, **kw) -> "Listener":
+        """A spoken turn fed as it is spoken (a microphone): Listener.feed(samples) while it lasts, then
+        Listener.answer() streams the answer, having only the last rows left to encode and prefill."""
+        from .listen import Listener
+
+        return Listener(self, trim=trim, **kw)
+
+    def _generate(self, turn, rows, reply, t0, t_feat, t_enc, max_tokens, temperature, seed, ahead=()):
+        """ahead: what a Listener already put in the KV cache after this chat's history; the part of it that
+        begins this turn's feed is kept, the rest recomputed."""
         llm = self.model.llm
         prompt = self.model.bundle.prompt
         with self.model.lock:
             self._cancel.clear()
-            self._sync()
+            if not (ahead and self.model.owner is self and llm.n_past == _size(self._fed) + _size(ahead)):
+                ahead = ()  # another conversation has used the KV cache since
+                self._sync()
+            dropped = self.dropped
             end = llm.tokenize(prompt.end_of_turn)
             feed = self._fit(turn, rows, reserve=min(max_tokens, llm.n_ctx // 4) + len(end))
-            start = llm.n_past if self._fed else 0
+            if self.dropped != dropped:
+                ahead = ()  # _fit prefilled the kept exchanges again from position 0
+            start = _size(self._fed) if self._fed else 0
             try:
                 a = time.perf_counter()
-                if not self._fed:  # a new conversation: reuse a cached system prompt
+                if ahead:  # decode at least one position: the logits must be this turn's
+                    keep = min(_common(ahead, feed), _size(feed) - 1)
+                    llm.truncate(_size(self._fed) + keep)
+                    self._prefill(_skip(feed, keep))
+                elif not self._fed:  # a new conversation: reuse a cached system prompt
                     self._load(feed)
                 else:
                     self._prefill(feed)
@@ -339,6 +357,41 @@ class Chat:
                 reply.timings = {"features": 1e3 * t_feat, "encode": 1e3 * t_enc, "prefill": 1e3 * t_prefill,
                                  "first_token": 1e3 * ((t_first or now) - t0), "total": 1e3 * (now - t0)}
                 reply.text = text
+
+
+def _size(items: list) -> int:
+    """KV positions a feed takes."""
+    return sum(len(f) for f in items)
+
+
+def _skip(items: list, n: int) -> list:
+    """items (token lists and row arrays) without their first n positions."""
+    rest = []
+    for f in items:
+        if n >= len(f):
+            n -= len(f)
+            continue
+        rest.append(f[n:])
+        n = 0
+    return rest
+
+
+def _positions(items: list) -> Iterator:
+    for f in items:
+        if isinstance(f, np.ndarray):
+            yield from (row.tobytes() for row in f)
+        else:
+            yield from f
+
+
+def _common(a: list, b: list) -> int:
+    """How many positions two feeds share from the start: equal token ids, bit-equal rows."""
+    n = 0
+    for x, y in zip(_positions(a), _positions(b)):
+        if type(x) is not type(y) or x != y:
+            break
+        n += 1
+    return n
 
 
 def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
