@@ -20,13 +20,16 @@ HELP = """commands:
   /quit              leave (also Ctrl-D)"""
 
 
-def _turn(chat, args, audio=None, text=None) -> None:
-    """One turn, streamed to stdout (or one JSON line with --json)."""
+def _turn(chat, args, audio=None, text=None, listener=None) -> None:
+    """One turn, streamed to stdout (or one JSON line with --json); with a listener, the turn it heard."""
     from ..runtime.chat import Reply
 
     reply = Reply("")
-    pieces = chat.stream(audio=audio, text=text, max_tokens=args.max_tokens, temperature=args.temperature,
-                         _reply=reply)
+    if listener is not None:
+        pieces = listener.answer(text=text, max_tokens=args.max_tokens, temperature=args.temperature, _reply=reply)
+    else:
+        pieces = chat.stream(audio=audio, text=text, max_tokens=args.max_tokens, temperature=args.temperature,
+                             _reply=reply)
     for piece in pieces:
         if not args.json:
             print(piece, end="", flush=True)
@@ -65,13 +68,16 @@ def _show_meter(recorder, done: threading.Event, err) -> None:
 
 
 def _talk(chat, args, recorder, read_line, err) -> None:
-    """One push-to-talk turn: Enter was pressed; record until the next Enter, then ask with the recording."""
+    """One push-to-talk turn: Enter was pressed; record until the next Enter, then ask with the recording. The
+    recording is encoded and prefilled while it is spoken (Chat.listen): Enter leaves only its last rows to do."""
     from ..runtime.audio import MIN_SAMPLES, SAMPLE_RATE
     from ..runtime.mic import MicError
 
+    listener = chat.listen()
     try:
-        recorder.start()
+        recorder.start(sink=listener.feed)
     except MicError as e:
+        listener.cancel()
         print(f"no microphone: {str(e).strip().splitlines()[0]}", file=err)  # typing still works
         return
     done = threading.Event()
@@ -89,7 +95,13 @@ def _talk(chat, args, recorder, read_line, err) -> None:
         meter.join()
         if err.isatty():
             err.write("\r\033[K")
-        samples = recorder.stop()
+        try:
+            samples = recorder.stop()
+        except BaseException:  # the device went away: the turn is dropped, the conversation stays as it was
+            listener.cancel()
+            raise
+    if cancelled or samples.size < MIN_SAMPLES:
+        listener.cancel()
     if cancelled:
         print("(recording cancelled)", file=err)
         return
@@ -97,7 +109,7 @@ def _talk(chat, args, recorder, read_line, err) -> None:
         print("error: heard no speech (the recording is silent after trimming); press Enter to try again", file=err)
         return
     print(f"(asking with {samples.size / SAMPLE_RATE:.1f} s of speech)", file=err)
-    _turn(chat, args, audio=samples)
+    _turn(chat, args, listener=listener)
 
 
 def interactive(chat, args, recorder=None, read_line=input, err=None) -> None:
