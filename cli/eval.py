@@ -30,6 +30,9 @@ def main(argv=None) -> None:
     p.add_argument("--reference-whisper", metavar="DIR",
                    help="also score Whisper alone (faster-whisper on this CTranslate2 model) on the --asr clips")
     p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--listen", action="store_true",
+                   help="give the LLM each clip's rows as push-to-talk does (encoded in passes while spoken, "
+                        "llasm.runtime.listen), not the whole clip's")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -48,6 +51,10 @@ def main(argv=None) -> None:
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         model = LLaSM.load(args.bundle, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+        if args.listen:
+            from ..runtime.listen import ListenedEncoder
+
+            model.encoder = ListenedEncoder(model.encoder)
         with open(args.out or os.devnull, "w", encoding="utf-8") as out:
             def write(item) -> None:
                 out.write(json.dumps(item.to_dict(), ensure_ascii=False) + "\n")
@@ -65,6 +72,8 @@ def main(argv=None) -> None:
             reference = evaluate_asr(WhisperReference(args.reference_whisper, threads=args.threads), asr,
                                      progress=not args.quiet)
     summary = result.summary()
+    if args.listen:
+        summary["listen"] = True
     if reference is not None:
         summary["reference_whisper_asr"] = reference.summary()
     lines = result.lines() + (["", "Whisper alone (reference):"] + reference.lines() if reference is not None else [])

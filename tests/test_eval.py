@@ -325,3 +325,7 @@ def test_cli_end_to_end(bundle, tmp_path):
     assert head[0].startswith("normalization en: ") and head[1] == "ASR  1 rows, 0 errors" and "WER" in again.stdout
     first = json.loads(out2.read_text())
     assert first["reply"] == rows[0]["reply"] and first["score"] == rows[0]["score"]  # greedy: deterministic
+
+    heard = _eval("--bundle", str(bundle), "--asr", str(asr), "--limit", "1", "--max-tokens", "4", "--listen", "--json")
+    assert heard.returncode == 0, heard.stderr
+    assert json.loads(heard.stdout)["listen"] is True and json.loads(heard.stdout)["asr"]["n"] == 1
