@@ -11,10 +11,14 @@ def _table(result) -> str:
     r = result
     lines = [f"machine: {r.machine}; bundle {r.bundle_mb:.0f} MB",
              f"{'audio s':>8} {'rows':>5} {'enc ms':>8} {'prefill':>8} {'1st tok':>8}" +
+             (f" | {'listening':>9} {'ahead':>5} | {'paused':>7} {'ahead':>5}" if r.listening else "") +
              (f" | {'cascade asr':>11} {'1st tok':>8} {'ratio':>6}" if r.cascade else "")]
     for L in sorted(r.llasm.first_token_ms):
         line = (f"{L:8.1f} {r.llasm.rows[L]:5d} {r.llasm.encode_ms[L]:8.1f} {r.llasm.prefill_ms[L]:8.1f} "
                 f"{r.llasm.first_token_ms[L]:8.1f}")
+        if r.listening:
+            line += (f" | {r.listening.first_token_ms[L]:9.1f} {r.listening.rows[L]:5d}"
+                     f" | {r.listening_pause.first_token_ms[L]:7.1f} {r.listening_pause.rows[L]:5d}")
         if r.cascade:
             line += (f" | {r.cascade.encode_ms[L]:11.1f} {r.cascade.first_token_ms[L]:8.1f} "
                      f"{r.llasm.first_token_ms[L] / r.cascade.first_token_ms[L]:6.2f}")
@@ -34,6 +38,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median), after one warm-up")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cascade-whisper", help="CTranslate2 Whisper directory for the cascade baseline")
+    p.add_argument("--no-listen", action="store_true",
+                   help="skip the listening path (it feeds each clip in real time: its length, per run)")
     p.add_argument("--plot", help="write first-token time vs audio length as a PNG")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -49,7 +55,7 @@ def main(argv=None) -> None:
         if args.repeats < 1 or not lengths or min(lengths) <= 0:
             raise ValueError("--repeats must be >= 1 and --lengths positive")
         cfg = BenchConfig(bundle=args.bundle, clips=args.audio, lengths=lengths, repeats=args.repeats,
-                          threads=args.threads, cascade_whisper=args.cascade_whisper)
+                          threads=args.threads, cascade_whisper=args.cascade_whisper, listen=not args.no_listen)
         result = run_bench(cfg)
         if args.plot:
             plot(result, args.plot)

@@ -1,6 +1,9 @@
 """Speed and memory of a bundle, side by side with the cascade baseline, on the same clips.
 
 LLaSM path:   audio -> log-mel -> ONNX encoder+adaptor -> embedding rows -> llama.cpp -> first token
+Listening:    the same model fed the audio in real time (Chat.listen, as push-to-talk feeds it); timed from the
+              last sample, when only the last rows are left to encode and prefill; and again with PAUSE_SECONDS
+              of quiet after the speech before the end (the user lets go of the key a moment after speaking)
 Cascade path: audio -> faster-whisper (CTranslate2 int8, same Whisper weights) -> transcript -> the same GGUF
               answering the transcript as text -> first token
 
@@ -34,6 +37,7 @@ class BenchConfig:
     max_tokens: int = 32
     cascade_whisper: str | None = None  # CTranslate2 Whisper directory for the cascade; None: no cascade
     decode_tokens: int = 64
+    listen: bool = True  # also time the listening path (each run takes the audio's length in real time)
 
 
 @dataclass
@@ -43,7 +47,8 @@ class PathResult:
     first_token_ms: dict = field(default_factory=dict)
     encode_ms: dict = field(default_factory=dict)  # features + encoder (LLaSM) / transcription (cascade)
     prefill_ms: dict = field(default_factory=dict)
-    rows: dict = field(default_factory=dict)  # LLM positions the audio became (LLaSM) / transcript tokens
+    rows: dict = field(default_factory=dict)  # LLM positions the audio became (LLaSM) / transcript tokens /
+    #                                           audio rows already prefilled at the end of speech (listening)
     peak_rss_mb: float = 0.0
     load_s: float = 0.0
 
@@ -56,6 +61,8 @@ class BenchResult:
     plain_llama_tokens_per_s: float
     bundle_mb: float
     machine: str
+    listening: PathResult | None = None
+    listening_pause: PathResult | None = None
 
     @property
     def ratios(self) -> dict:
@@ -63,6 +70,10 @@ class BenchResult:
         if self.cascade:
             out["first_token_vs_cascade"] = {
                 L: self.llasm.first_token_ms[L] / self.cascade.first_token_ms[L] for L in self.llasm.first_token_ms}
+        for name, path in (("listening", self.listening), ("listening_pause", self.listening_pause)):
+            if path:
+                out[f"{name}_first_token_vs_whole_clip"] = {
+                    L: path.first_token_ms[L] / self.llasm.first_token_ms[L] for L in self.llasm.first_token_ms}
         out["encoder_ms_per_audio_s"] = {L: self.llasm.encode_ms[L] / L for L in self.llasm.encode_ms}
         return out
 
@@ -122,10 +133,41 @@ def _llasm_path(cfg: BenchConfig, clips: list[np.ndarray]) -> dict:
 
     res = _sweep(cfg, clips, chat, ask)
     res.load_s = load_s
+    listening = pause = None
+    if cfg.listen:
+        listening = _sweep(cfg, clips, chat, lambda x: _listen(chat, x))
+        pause = _sweep(cfg, clips, chat, lambda x: _listen(chat, x, pause=PAUSE_SECONDS))
     decode = _decode_rate(model.llm, _decode_prompt(model.bundle), cfg.decode_tokens, cfg.repeats)
     res.peak_rss_mb = _peak_rss_mb()
     model.close()
-    return {"result": res, "decode": decode}
+    return {"result": res, "decode": decode, "listening": listening, "listening_pause": pause}
+
+
+FEED_SECONDS = 0.1  # block size of the real-time feed (a microphone's callback delivers 10-100 ms)
+PAUSE_SECONDS = 0.5  # quiet after the speech in the second listening run
+PAUSE_DBFS = -60.0  # its level: a quiet room through a laptop microphone
+
+
+def _listen(chat, x: np.ndarray, pause: float = 0.0) -> tuple:
+    """x fed to a Listener block by block at the pace it would be spoken, then answered; ms from the last block.
+    pause: seconds of quiet fed after x, trimmed as push-to-talk trims; 0: x as it is (the whole-clip path's)."""
+    from .chat import Reply
+
+    if pause:
+        rng = np.random.default_rng(0)
+        quiet = (10 ** (PAUSE_DBFS / 20) * rng.standard_normal(int(pause * SAMPLE_RATE))).astype(np.float32)
+        x = np.concatenate([x, quiet])
+    listener = chat.listen(trim=bool(pause))
+    block = int(FEED_SECONDS * SAMPLE_RATE)
+    start = time.perf_counter()
+    for i in range(0, x.size, block):
+        time.sleep(max(0.0, start + (i + block) / SAMPLE_RATE - time.perf_counter()))  # the block has been spoken
+        listener.feed(x[i:i + block])
+    reply = Reply("")
+    for _ in listener.answer(max_tokens=1, _reply=reply):
+        pass
+    r = reply.timings
+    return r["first_token"], r["features"] + r["encode"], r["prefill"], listener.rows_ahead
 
 
 def _decode_prompt(bundle) -> str:
@@ -235,7 +277,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         cascade = _in_child(_cascade_path, cfg, clips)["result"]
     size = sum(e["size"] for e in b.manifest["files"].values()) / 1e6
     machine = f"{platform.processor() or platform.machine()}, {mp.cpu_count()} cores, threads={cfg.threads or 'auto'}"
-    return BenchResult(llasm["result"], cascade, llasm["decode"], plain["rate"], size, machine)
+    return BenchResult(llasm["result"], cascade, llasm["decode"], plain["rate"], size, machine, llasm["listening"],
+                       llasm["listening_pause"])
 
 
 def plot(result: BenchResult, path) -> None:
@@ -250,6 +293,10 @@ def plot(result: BenchResult, path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     L = sorted(result.llasm.first_token_ms)
     ax.plot(L, [result.llasm.first_token_ms[x] for x in L], "o-", label="LLaSM (audio embeddings)")
+    if result.listening:
+        ax.plot(L, [result.listening.first_token_ms[x] for x in L], "^-", label="LLaSM listening (real-time feed)")
+        ax.plot(L, [result.listening_pause.first_token_ms[x] for x in L], "v-",
+                label=f"LLaSM listening, {PAUSE_SECONDS:g} s pause before the end")
     if result.cascade:
         ax.plot(L, [result.cascade.first_token_ms[x] for x in L], "s-", label="cascade (faster-whisper + LLM)")
     ax.set_xlabel("audio length (s)")

@@ -48,6 +48,13 @@ def test_bench_reports_every_figure(bundle, clip, tmp_path):
     assert out["llasm"]["rows"]["3.0"] > out["llasm"]["rows"]["1.0"]
     assert out["llasm"]["peak_rss_mb"] > 0 and out["decode_tokens_per_s"] > 0
     assert out["plain_llama_tokens_per_s"] > 0 and "decode_vs_plain_llama" in out["ratios"]
+    listening = out["listening"]  # the clip fed in real time: at 3 s most of its rows are prefilled before its end
+    assert set(listening["first_token_ms"]) == {"1.0", "3.0"} and min(listening["first_token_ms"].values()) > 0
+    assert 0 < listening["rows"]["3.0"] < out["llasm"]["rows"]["3.0"]
+    paused = out["listening_pause"]  # then quiet: the whole turn is prefilled before the end, its 2 boundary rows too
+    assert paused["rows"]["3.0"] >= out["llasm"]["rows"]["3.0"] - 2
+    for name in ("listening", "listening_pause"):
+        assert set(out["ratios"][f"{name}_first_token_vs_whole_clip"]) == {"1.0", "3.0"}
     if cascade:
         assert set(out["cascade"]["first_token_ms"]) == {"1.0", "3.0"}
         assert "first_token_vs_cascade" in out["ratios"]
@@ -61,8 +68,9 @@ def test_bench_prints_a_table_by_default(bundle, clip):
     assert not r.stderr.strip(), r.stderr  # -q: no progress, no log lines
     lines = r.stdout.splitlines()
     assert lines[0].startswith("machine: ") and lines[1].split()[:2] == ["audio", "s"] and "cascade" not in lines[1]
-    assert [line.split()[0] for line in lines[2:4]] == ["1.0", "2.0"]  # one row per length, its 5 figures
-    assert all(len(line.split()) == 5 and float(line.split()[4]) > 0 for line in lines[2:4])
+    assert "listening" in lines[1] and "paused" in lines[1]
+    assert [line.split()[0] for line in lines[2:4]] == ["1.0", "2.0"]  # one row per length: 5 figures, 2 + 2 listening
+    assert all(len(line.split()) == 11 and float(line.split()[4]) > 0 < float(line.split()[6]) for line in lines[2:4])
     assert lines[4].startswith("decode: ") and lines[5].startswith("peak RSS: LLaSM ") and len(lines) == 6
 
 
