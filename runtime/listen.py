@@ -40,7 +40,7 @@ CONTEXT_ROWS = 25  # rows of audio before the new ones in each pass (4 s)
 LOOKAHEAD_ROWS = 6  # rows of audio after the new ones in each pass: the newest audio is kept only a pass later
 UNDECIDED_SECONDS = 2.0  # audio with no pause in it this long is taken as speech from its first sample
 START_TOLERANCE_SECONDS = 0.1  # the start found while listening stands if the whole recording puts it this close
-PAUSE_SECONDS = 0.25  # silence after the speech (and its trim margin) that makes the turn seem over
+PAUSE_SECONDS = 0.1  # silence after the speech and its trim margin (0.3 s in all) that makes the turn seem over
 
 
 class Passes:
@@ -143,7 +143,7 @@ class Listener:
         self._closed = False
         self._stopped = False  # the worker has stopped listening ahead
         self._ahead: list = []  # what the KV cache holds for this turn after the chat's history
-        self._guessed = 0  # samples of the turn's audio last prefilled whole, speech seeming over
+        self._guess = (None, None, None)  # (start, end, rows) of the audio last prefilled whole, speech seeming over
         self._answered = False
         self._worker = None
         if not chat.model.encoder.geometry.fixed_rows:  # rows must map to stretches of audio: not the query adaptor
@@ -220,10 +220,10 @@ class Listener:
         if span is not None and audio.size - span[1] >= PAUSE_SECONDS * SAMPLE_RATE:
             x = audio[self._start: span[1]]
             ok = True
-            if MIN_SAMPLES <= x.size <= self.passes.max_samples and x.size != self._guessed:
-                turn, rows = self._turn(x)
-                ok = self._reach(self.chat._feed(turn, [rows], start=not self.chat.exchanges))
-                self._guessed = x.size
+            if MIN_SAMPLES <= x.size <= self.passes.max_samples and self._guess[:2] != (self._start, span[1]):
+                rows = self.passes.final(x)
+                ok = self._reach(self.chat._feed(Turn("user", (x,)), [rows], start=not self.chat.exchanges))
+                self._guess = (self._start, span[1], rows)
             self._next = audio.size + self.check  # the passes wait: speech may go on, and they catch up then
             return ok
         ok = True
@@ -236,10 +236,6 @@ class Listener:
                 ok = self._reach(self.chat._prefix() + kept)
         self._next = min(self._start + self.passes.point(), audio.size + self.check)
         return ok
-
-    def _turn(self, x: np.ndarray, text: str | None = None, timings: dict | None = None) -> tuple[Turn, np.ndarray]:
-        """This turn with audio x, and its rows: what answer() gives the LLM."""
-        return Turn("user", (x,) + ((text,) if text else ())), self.passes.final(x, timings)
 
     def _reach(self, feed: list) -> bool:
         """Make the KV cache hold the chat's history and then `feed`, keeping what it holds of it already."""
@@ -277,9 +273,9 @@ class Listener:
                 llm.truncate(_size(chat._fed) + lead)  # a new conversation keeps its cached header
             self._ahead = []
 
-    def _speech(self, audio: np.ndarray) -> np.ndarray:
-        """The turn's audio, trimmed. A start found at the end far from the one found while listening drops the
-        kept rows: they belong to audio cut at another place."""
+    def _speech(self, audio: np.ndarray) -> tuple[int, int]:
+        """Where the turn's audio starts and ends, trimmed. A start found at the end far from the one found while
+        listening drops the kept rows: they belong to audio cut at another place."""
         start, end = self._start or 0, audio.size
         if self.trim:
             span = voiced_span(audio)
@@ -289,7 +285,7 @@ class Listener:
                 start = span[0]
                 self.passes = Passes(self.passes.encoder, self.passes.step, self.passes.context, self.passes.lookahead)
             end = span[1]
-        return load_audio(audio[start:end])
+        return start, end
 
     def answer(self, text: str | None = None, max_tokens: int = 512, temperature: float = 0.0, seed: int = 0,
                _reply: Reply | None = None) -> Iterator[str]:
@@ -302,13 +298,19 @@ class Listener:
         reply = _reply if _reply is not None else Reply("")
         t0 = time.perf_counter()
         self._close()
+        audio = self._audio()
         try:
-            x = self._speech(self._audio())
+            start, end = self._speech(audio)
+            x = load_audio(audio[start:end])
         except AudioError:
             self.cancel()
             raise
         reply.audio_seconds = x.size / SAMPLE_RATE
-        timings = {}
-        turn, rows = self._turn(x, text, timings)
+        timings = {"features": 0.0, "encode": 0.0}
+        if self._guess[:2] == (start, end):  # speech was over when it seemed over: the rows are computed already
+            rows = self._guess[2]
+        else:
+            rows = self.passes.final(x, timings)
+        turn = Turn("user", (x,) + ((text,) if text else ()))
         yield from self.chat._generate(turn, [rows], reply, t0, timings["features"] / 1e3, timings["encode"] / 1e3,
                                        max_tokens, temperature, seed, ahead=self._ahead)

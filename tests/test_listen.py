@@ -171,8 +171,11 @@ def test_a_pause_after_speech_prefills_the_whole_turn_before_the_end(model, bund
     prefilled = []
     real = chat._prefill
     monkeypatch.setattr(chat, "_prefill", lambda items: (prefilled.append(sum(map(len, items))), real(items)))
+    passes = []
+    final = lis.passes.final
+    monkeypatch.setattr(lis.passes, "final", lambda *a: (passes.append(a), final(*a))[1])
     text, reply = answer(lis)
-    assert prefilled == [1]  # only the last position again: its logits are read next
+    assert prefilled == [1] and passes == []  # no encoder pass, and only the last position again (its logits)
     assert reply.audio_seconds == pytest.approx(1.9)  # the speech and its trim margins (0.2 s each side)
     _cache_matches_history(model, chat)
     same_as_at_once(bundle, ["hello"], chat, text)
