@@ -40,6 +40,8 @@ def main(argv=None) -> None:
     p.add_argument("--cascade-whisper", help="CTranslate2 Whisper directory for the cascade baseline")
     p.add_argument("--no-listen", action="store_true",
                    help="skip the listening path (it feeds each clip in real time: its length, per run)")
+    p.add_argument("--pause", type=float, default=0.5,
+                   help="seconds of quiet after the speech in the second listening run (default 0.5)")
     p.add_argument("--plot", help="write first-token time vs audio length as a PNG")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -54,8 +56,11 @@ def main(argv=None) -> None:
             raise ValueError(f"--lengths takes seconds like 1,2,5; got {args.lengths!r}") from None
         if args.repeats < 1 or not lengths or min(lengths) <= 0:
             raise ValueError("--repeats must be >= 1 and --lengths positive")
+        if args.pause <= 0:
+            raise ValueError(f"--pause must be > 0 seconds, got {args.pause}")
         cfg = BenchConfig(bundle=args.bundle, clips=args.audio, lengths=lengths, repeats=args.repeats,
-                          threads=args.threads, cascade_whisper=args.cascade_whisper, listen=not args.no_listen)
+                          threads=args.threads, cascade_whisper=args.cascade_whisper, listen=not args.no_listen,
+                          pause=args.pause)
         result = run_bench(cfg)
         if args.plot:
             plot(result, args.plot)

@@ -2,8 +2,8 @@
 
 LLaSM path:   audio -> log-mel -> ONNX encoder+adaptor -> embedding rows -> llama.cpp -> first token
 Listening:    the same model fed the audio in real time (Chat.listen, as push-to-talk feeds it); timed from the
-              last sample, when only the last rows are left to encode and prefill; and again with PAUSE_SECONDS
-              of quiet after the speech before the end (the user lets go of the key a moment after speaking)
+              last sample, when only the last rows are left to encode and prefill; and again with `pause`
+              seconds of quiet after the speech before the end (the user lets go of the key a moment after speaking)
 Cascade path: audio -> faster-whisper (CTranslate2 int8, same Whisper weights) -> transcript -> the same GGUF
               answering the transcript as text -> first token
 
@@ -38,6 +38,7 @@ class BenchConfig:
     cascade_whisper: str | None = None  # CTranslate2 Whisper directory for the cascade; None: no cascade
     decode_tokens: int = 64
     listen: bool = True  # also time the listening path (each run takes the audio's length in real time)
+    pause: float = 0.5  # seconds of quiet after the speech in the listening path's second run
 
 
 @dataclass
@@ -136,7 +137,7 @@ def _llasm_path(cfg: BenchConfig, clips: list[np.ndarray]) -> dict:
     listening = pause = None
     if cfg.listen:
         listening = _sweep(cfg, clips, chat, lambda x: _listen(chat, x))
-        pause = _sweep(cfg, clips, chat, lambda x: _listen(chat, x, pause=PAUSE_SECONDS))
+        pause = _sweep(cfg, clips, chat, lambda x: _listen(chat, x, pause=cfg.pause))
     decode = _decode_rate(model.llm, _decode_prompt(model.bundle), cfg.decode_tokens, cfg.repeats)
     res.peak_rss_mb = _peak_rss_mb()
     model.close()
@@ -144,8 +145,7 @@ def _llasm_path(cfg: BenchConfig, clips: list[np.ndarray]) -> dict:
 
 
 FEED_SECONDS = 0.1  # block size of the real-time feed (a microphone's callback delivers 10-100 ms)
-PAUSE_SECONDS = 0.5  # quiet after the speech in the second listening run
-PAUSE_DBFS = -60.0  # its level: a quiet room through a laptop microphone
+PAUSE_DBFS = -60.0  # level of the quiet after the speech: a quiet room through a laptop microphone
 
 
 def _listen(chat, x: np.ndarray, pause: float = 0.0) -> tuple:
@@ -296,7 +296,7 @@ def plot(result: BenchResult, path) -> None:
     if result.listening:
         ax.plot(L, [result.listening.first_token_ms[x] for x in L], "^-", label="LLaSM listening (real-time feed)")
         ax.plot(L, [result.listening_pause.first_token_ms[x] for x in L], "v-",
-                label=f"LLaSM listening, {PAUSE_SECONDS:g} s pause before the end")
+                label="LLaSM listening, a pause before the end")
     if result.cascade:
         ax.plot(L, [result.cascade.first_token_ms[x] for x in L], "s-", label="cascade (faster-whisper + LLM)")
     ax.set_xlabel("audio length (s)")

@@ -39,7 +39,8 @@ STEP_ROWS = 6  # rows kept per encoder pass while listening (0.96 s at stack 8)
 CONTEXT_ROWS = 25  # rows of audio before the new ones in each pass (4 s)
 LOOKAHEAD_ROWS = 6  # rows of audio after the new ones in each pass: the newest audio is kept only a pass later
 UNDECIDED_SECONDS = 2.0  # audio with no pause in it this long is taken as speech from its first sample
-START_TOLERANCE_SECONDS = 0.1  # the start found while listening stands if the whole recording puts it this close
+TRIM_TOLERANCE_SECONDS = 0.1  # where speech starts and ends, as found while listening, stands if the whole
+#                                recording puts it this close (more quiet moves the noise floor a little)
 PAUSE_SECONDS = 0.1  # silence after the speech and its trim margin (0.3 s in all) that makes the turn seem over
 
 
@@ -220,7 +221,8 @@ class Listener:
         if span is not None and audio.size - span[1] >= PAUSE_SECONDS * SAMPLE_RATE:
             x = audio[self._start: span[1]]
             ok = True
-            if MIN_SAMPLES <= x.size <= self.passes.max_samples and self._guess[:2] != (self._start, span[1]):
+            guessed = self._guess[0] == self._start and self._near(span[1], self._guess[1])
+            if MIN_SAMPLES <= x.size <= self.passes.max_samples and not guessed:
                 rows = self.passes.final(x)
                 ok = self._reach(self.chat._feed(Turn("user", (x,)), [rows], start=not self.chat.exchanges))
                 self._guess = (self._start, span[1], rows)
@@ -281,11 +283,15 @@ class Listener:
             span = voiced_span(audio)
             if span is None:
                 raise AudioError("heard no speech: the recording is silent")
-            if self._start is None or abs(span[0] - self._start) > START_TOLERANCE_SECONDS * SAMPLE_RATE:
+            if not self._near(span[0], self._start):
                 start = span[0]
                 self.passes = Passes(self.passes.encoder, self.passes.step, self.passes.context, self.passes.lookahead)
-            end = span[1]
+            end = self._guess[1] if start == self._guess[0] and self._near(span[1], self._guess[1]) else span[1]
         return start, end
+
+    @staticmethod
+    def _near(a: int, b: int | None) -> bool:
+        return b is not None and abs(a - b) <= TRIM_TOLERANCE_SECONDS * SAMPLE_RATE
 
     def answer(self, text: str | None = None, max_tokens: int = 512, temperature: float = 0.0, seed: int = 0,
                _reply: Reply | None = None) -> Iterator[str]:
