@@ -167,8 +167,13 @@ class Listener:
         return bool(self._ahead) and not isinstance(self._ahead[-1], np.ndarray)
 
     def feed(self, samples) -> None:
-        """Mono float32 samples at 16 kHz, in order, from any thread. Audio fed after answer() starts is ignored."""
-        x = np.asarray(samples, dtype=np.float32).reshape(-1)
+        """Float samples at 16 kHz, (n,) or (n, channels), in order, from any thread. Audio fed after answer()
+        starts is ignored."""
+        x = np.asarray(samples, dtype=np.float32)
+        if x.ndim == 2:  # (frames, channels), as audio callbacks give them
+            x = x.mean(axis=1)
+        if x.ndim != 1:
+            raise ValueError(f"audio blocks must be (n,) or (n, channels), got shape {x.shape}")
         with self._cond:
             if self._closed or not x.size:
                 return

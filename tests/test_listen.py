@@ -62,14 +62,18 @@ def test_kept_rows_come_from_the_first_pass_that_sees_lookahead_rows_past_them(m
 def test_rows_do_not_depend_on_how_the_audio_arrives(model):
     x = np.concatenate([np.zeros(int(0.6 * SR), np.float32), tiny.speech(2.0, seed=4)])
     rows = []
-    for block in (x.size, 160, 2999):
+    for block, channels in ((x.size, 1), (160, 1), (2999, 1), (1024, 2)):
         lis = model.chat().listen(step_rows=3, context_rows=4, lookahead_rows=2)
-        heard(lis, x, block)
+        heard(lis, x if channels == 1 else np.stack([x, x], axis=1), block)  # (frames, channels) are mixed down
         assert lis.rows_ahead > 0
         answer(lis)
         rows.append(lis.chat.exchanges[-1].rows[0])
     for r in rows[1:]:
         np.testing.assert_array_equal(r, rows[0])
+    lis = model.chat().listen()
+    with pytest.raises(ValueError, match=r"must be \(n,\) or \(n, channels\)"):
+        lis.feed(np.zeros((2, 2, 2), np.float32))
+    lis.cancel()
 
 
 def test_the_answer_keeps_the_head_start_and_equals_answering_the_same_rows_at_once(model, bundle, monkeypatch):
