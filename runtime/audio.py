@@ -154,7 +154,8 @@ def resample(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     n_out = int(math.ceil(samples.size * up / down))
     cutoff = min(1.0, up / down)  # relative to the input Nyquist
     half = 16  # filter half-width in input samples (at the lower rate)
-    taps = np.arange(-half / cutoff + 1, half / cutoff + 1).astype(np.int64)  # (K,)
+    reach = int(math.ceil(half / cutoff))
+    taps = np.arange(-reach + 1, reach + 1, dtype=np.int64)  # (K,) integer offsets, each once
     window = np.kaiser(taps.size, 8.0)
     out = np.empty(n_out, dtype=np.float32)
     for start in range(0, n_out, 16384):  # blocks keep the (n, K) temporaries small
