@@ -114,8 +114,8 @@ def _talk(chat, args, recorder, read_line, err) -> None:
 
 def interactive(chat, args, recorder=None, read_line=input, err=None) -> None:
     """The session loop: text lines, /commands, and an empty line for push-to-talk with `recorder` (a
-    runtime.mic.Recorder or anything with its start(sink=)/stop/level_db/seconds/capped/max_seconds); without one, empty
-    lines are skipped."""
+    runtime.mic.Recorder or anything with its start(sink=)/stop/level_db/seconds/capped/max_seconds); without one,
+    empty lines are skipped."""
     err = err or sys.stderr
     talk = "or press Enter to talk; " if recorder is not None else ""
     print(f"llasm: type a question, {talk}/audio FILE asks with a file, /help lists commands.", file=err)

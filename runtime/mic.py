@@ -4,7 +4,8 @@
     rec.start()                   # capture runs in PortAudio's callback thread
     rec.level_db, rec.seconds     # readable while recording (for a level meter)
     samples = rec.stop()          # float32 at 16 kHz, leading/trailing silence trimmed
-    rec.start(sink=listener.feed) # also hand each 16 kHz block to a consumer as it comes (Chat.listen)
+
+    rec.start(sink=listener.feed) # the same, handing each 16 kHz block on as it comes (Chat.listen)
 
 sounddevice (and the PortAudio library under it) is optional at run time: without it files and text still work,
 and only the microphone raises MicError with an install hint.
