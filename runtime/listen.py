@@ -147,7 +147,9 @@ class Listener:
         self._guess = (None, None, None)  # (start, end, rows) of the audio last prefilled whole, speech seeming over
         self._answered = False
         self._worker = None
-        if not chat.model.encoder.geometry.fixed_rows:  # rows must map to stretches of audio: not the query adaptor
+        if chat.model.encoder.geometry.fixed_rows:  # rows must map to stretches of audio: not the query adaptor's
+            self._stopped = True  # answer() does all the work
+        else:
             self._worker = threading.Thread(target=self._run, name="llasm-listener", daemon=True)
             self._worker.start()
 
@@ -206,8 +208,8 @@ class Listener:
                     return
                 with self._cond:
                     self._cond.notify_all()
-        except Exception as e:  # a head start only: answer() recomputes what is missing
-            log.warning("listening ahead stopped: %s", e)
+        except Exception as e:  # a head start only (a full context, say): answer() recomputes what is missing
+            log.info("listening ahead stopped: %s", e)
         finally:
             with self._cond:
                 self._stopped = True

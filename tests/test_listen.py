@@ -197,3 +197,18 @@ def test_speech_after_a_pause_goes_on_where_the_passes_stopped(model, bundle):
     assert reply.audio_seconds > 2.5
     _cache_matches_history(model, chat)
     same_as_at_once(bundle, [], chat, text)
+
+
+def test_without_rows_tied_to_time_the_answer_does_it_all_as_chat_send_does(bundle):
+    """The query adaptor's rows are not stretches of audio: no worker, no head start, the whole clip at the end."""
+    import dataclasses
+
+    model = LLaSM.load(bundle)
+    x = tiny.speech(2.5, seed=12)
+    want = model.chat().send(audio=x, max_tokens=4).text
+    model.encoder.geometry = dataclasses.replace(model.encoder.geometry, fixed_rows=4)
+    lis = model.chat().listen(trim=False, step_rows=3, context_rows=2, lookahead_rows=2)
+    heard(lis, x, block=4000)  # wait() returns: nothing is listening ahead
+    assert lis.rows_ahead == 0 and lis._worker is None
+    assert answer(lis)[0] == want
+    model.close()
