@@ -297,10 +297,12 @@ class Chat:
             start = _size(self._fed) if self._fed else 0
             try:
                 a = time.perf_counter()
-                if ahead:  # decode at least one position: the logits must be this turn's
-                    keep = min(_common(ahead, feed), _size(feed) - 1)
-                    llm.truncate(_size(self._fed) + keep)
-                    self._prefill(_skip(feed, keep))
+                if ahead:
+                    keep = _common(ahead, feed)
+                    if keep < _size(feed) or llm.n_past != _size(self._fed) + keep or not llm.has_logits:
+                        keep = min(keep, _size(feed) - 1)  # decode at least one position: the logits are this turn's
+                        llm.truncate(_size(self._fed) + keep)
+                        self._prefill(_skip(feed, keep))
                 elif not self._fed:  # a new conversation: reuse a cached system prompt
                     self._load(feed)
                 else:

@@ -74,12 +74,19 @@ class LLM:
         self._embeds = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
         self.cache: list[int] = []
         self.decodes = 0  # llama_decode calls made
+        self._logits_at = 0  # n_past right after the decode whose logits llama.cpp holds; 0: none
         self.token_rows = None  # TokenRows, once warm_up has checked they reproduce the token path
         self._path = path
 
     @property
     def n_past(self) -> int:
         return len(self.cache)
+
+    @property
+    def has_logits(self) -> bool:
+        """llama.cpp's logits are those of the last position in the cache: the last decode ended there (the cache
+        grows only by decodes, so a truncate since shows as a shorter one)."""
+        return self._logits_at > 0 and self._logits_at == self.n_past
 
     def tokenize(self, text: str) -> list[int]:
         """Text with special tokens parsed (chat markup), never an implicit BOS: the prompt format adds it."""
@@ -109,10 +116,12 @@ class LLM:
             batch.seq_id[i][0] = 0
             batch.logits[i] = i == n - 1
         self.decodes += 1
+        self._logits_at = 0
         rc = self._lib.llama_decode(self.ctx, batch)
         if rc != 0:
             self.truncate(self.n_past)  # drop whatever the failed batch may have left in the KV cache
             raise LLMError(f"llama_decode failed on {n} {what} (code {rc})")
+        self._logits_at = self.n_past + n  # the caller adds the n positions to the cache next
 
     def eval_tokens(self, ids: list[int]) -> None:
         self._room(len(ids))

@@ -128,6 +128,23 @@ def test_a_new_conversation_that_repeats_the_cached_one_is_answered(bundle, monk
     model.close()
 
 
+def test_the_llm_knows_whether_its_logits_are_those_of_its_last_position(bundle):
+    model = LLaSM.load(bundle)
+    llm = model.llm
+    n = llm.n_past
+    llm.eval_tokens(llm.tokenize("one two three"))
+    assert llm.has_logits
+    llm.truncate(llm.n_past)  # nothing removed
+    assert llm.has_logits
+    llm.truncate(llm.n_past - 1)
+    assert not llm.has_logits  # the logits are those of the position just removed
+    llm.eval_embeddings(np.zeros((2, llm.n_embd), np.float32))
+    assert llm.has_logits
+    llm.truncate(n)
+    assert not llm.has_logits
+    model.close()
+
+
 def test_a_spoken_turn_is_one_decode_with_the_per_segment_result(bundle):
     model = LLaSM.load(bundle)
     llm = model.llm

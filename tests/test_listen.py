@@ -154,35 +154,82 @@ def test_a_listened_encoder_gives_a_chat_the_rows_a_listener_would(bundle):
     model.close()
 
 
-def same_as_at_once(bundle, history, chat, text):
-    """chat's last answer is what a fresh model answers for the same history, turn and rows, prefilled at once."""
+def same_as_at_once(bundle, history, chat, text, logits=None):
+    """chat's last answer is what a fresh model answers for the same history, turn and rows, prefilled at once
+    (logits: those its first token was sampled from, compared too)."""
+    import llasm.runtime.chat as chat_module
+
     fresh = LLaSM.load(bundle)
     again = fresh.chat()
     for t in history:
         again.send(text=t, max_tokens=3)
     ex = chat.exchanges[-1]
-    assert "".join(again._generate(ex.user, ex.rows, Reply(""), 0.0, 0.0, 0.0, 4, 0.0, 0)) == text
+    seen = []
+    sample = chat_module._sample
+    chat_module._sample = lambda z, *a: (seen.append(z.copy()), sample(z, *a))[1]
+    try:
+        assert "".join(again._generate(ex.user, ex.rows, Reply(""), 0.0, 0.0, 0.0, 4, 0.0, 0)) == text
+    finally:
+        chat_module._sample = sample
+    if logits is not None:
+        np.testing.assert_allclose(logits, seen[0], atol=1e-4)
     fresh.close()
+
+
+def first_logits(monkeypatch):
+    """The logits each answer's tokens are sampled from, in order, from here on."""
+    import llasm.runtime.chat as chat_module
+
+    seen = []
+    sample = chat_module._sample
+    monkeypatch.setattr(chat_module, "_sample", lambda z, *a: (seen.append(z.copy()), sample(z, *a))[1])
+    return seen
+
+
+def paused_turn(chat):
+    """A listener that heard speech and then a pause: the whole turn is in the KV cache."""
+    lis = chat.listen(step_rows=3, context_rows=4, lookahead_rows=2)
+    speech = np.concatenate([np.zeros(SR // 2, np.float32), tiny.speech(1.5, seed=9)])
+    heard(lis, np.concatenate([speech, np.zeros(int(0.6 * SR), np.float32)]), block=1600)
+    assert lis.answered_ahead
+    return lis
 
 
 def test_a_pause_after_speech_prefills_the_whole_turn_before_the_end(model, bundle, monkeypatch):
     chat = model.chat()
     chat.send(text="hello", max_tokens=3)
-    lis = chat.listen(step_rows=3, context_rows=4, lookahead_rows=2)
-    speech = np.concatenate([np.zeros(SR // 2, np.float32), tiny.speech(1.5, seed=9)])
-    heard(lis, np.concatenate([speech, np.zeros(int(0.6 * SR), np.float32)]), block=1600)
-    assert lis.answered_ahead
+    lis = paused_turn(chat)
     prefilled = []
     real = chat._prefill
     monkeypatch.setattr(chat, "_prefill", lambda items: (prefilled.append(sum(map(len, items))), real(items)))
     passes = []
     final = lis.passes.final
     monkeypatch.setattr(lis.passes, "final", lambda *a: (passes.append(a), final(*a))[1])
+    seen = first_logits(monkeypatch)
     text, reply = answer(lis)
-    assert prefilled == [1] and passes == []  # no encoder pass, and only the last position again (its logits)
+    assert prefilled == [] and passes == []  # no encoder pass, no decode: the guess's last decode has the logits
     assert reply.audio_seconds == pytest.approx(1.9)  # the speech and its trim margins (0.2 s each side)
     _cache_matches_history(model, chat)
-    same_as_at_once(bundle, ["hello"], chat, text)
+    same_as_at_once(bundle, ["hello"], chat, text, logits=seen[0])
+
+
+def test_after_a_pause_logits_overwritten_since_are_computed_again(model, bundle, monkeypatch):
+    """The KV cache still holds the turn, but llama.cpp's logits are another decode's: the last position is
+    decoded again."""
+    chat = model.chat()
+    chat.send(text="hello", max_tokens=3)
+    lis = paused_turn(chat)
+    llm = model.llm
+    n = llm.n_past
+    llm.eval_tokens(llm.tokenize("Something else"))
+    llm.truncate(n)
+    prefilled = []
+    real = chat._prefill
+    monkeypatch.setattr(chat, "_prefill", lambda items: (prefilled.append(sum(map(len, items))), real(items)))
+    seen = first_logits(monkeypatch)
+    text, _ = answer(lis)
+    assert prefilled == [1]
+    same_as_at_once(bundle, ["hello"], chat, text, logits=seen[0])
 
 
 def test_speech_after_a_pause_goes_on_where_the_passes_stopped(model, bundle):
