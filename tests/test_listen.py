@@ -1,4 +1,6 @@
 """Listening ahead (Chat.listen): rows encoded and prefilled while the audio comes, the answer keeps that head start."""
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,7 @@ pytest.importorskip("onnxruntime")
 
 import tiny  # noqa: E402
 from test_chat import _cache_matches_history  # noqa: E402
+import llasm.runtime.chat as chat_module  # noqa: E402
 from llasm.runtime.audio import AudioError  # noqa: E402
 from llasm.runtime.chat import LLaSM, Reply  # noqa: E402
 from llasm.runtime.listen import ListenedEncoder, listened_rows  # noqa: E402
@@ -154,36 +157,30 @@ def test_a_listened_encoder_gives_a_chat_the_rows_a_listener_would(bundle):
     model.close()
 
 
+@contextlib.contextmanager
+def sampled():
+    """The logits that tokens are sampled from inside the block, in order."""
+    seen, sample = [], chat_module._sample
+    chat_module._sample = lambda z, *a: (seen.append(z.copy()), sample(z, *a))[1]
+    try:
+        yield seen
+    finally:
+        chat_module._sample = sample
+
+
 def same_as_at_once(bundle, history, chat, text, logits=None):
     """chat's last answer is what a fresh model answers for the same history, turn and rows, prefilled at once
     (logits: those its first token was sampled from, compared too)."""
-    import llasm.runtime.chat as chat_module
-
     fresh = LLaSM.load(bundle)
     again = fresh.chat()
     for t in history:
         again.send(text=t, max_tokens=3)
     ex = chat.exchanges[-1]
-    seen = []
-    sample = chat_module._sample
-    chat_module._sample = lambda z, *a: (seen.append(z.copy()), sample(z, *a))[1]
-    try:
+    with sampled() as seen:
         assert "".join(again._generate(ex.user, ex.rows, Reply(""), 0.0, 0.0, 0.0, 4, 0.0, 0)) == text
-    finally:
-        chat_module._sample = sample
     if logits is not None:
         np.testing.assert_allclose(logits, seen[0], atol=1e-4)
     fresh.close()
-
-
-def first_logits(monkeypatch):
-    """The logits each answer's tokens are sampled from, in order, from here on."""
-    import llasm.runtime.chat as chat_module
-
-    seen = []
-    sample = chat_module._sample
-    monkeypatch.setattr(chat_module, "_sample", lambda z, *a: (seen.append(z.copy()), sample(z, *a))[1])
-    return seen
 
 
 def paused_turn(chat):
@@ -205,8 +202,8 @@ def test_a_pause_after_speech_prefills_the_whole_turn_before_the_end(model, bund
     passes = []
     final = lis.passes.final
     monkeypatch.setattr(lis.passes, "final", lambda *a: (passes.append(a), final(*a))[1])
-    seen = first_logits(monkeypatch)
-    text, reply = answer(lis)
+    with sampled() as seen:
+        text, reply = answer(lis)
     assert prefilled == [] and passes == []  # no encoder pass, no decode: the guess's last decode has the logits
     assert reply.audio_seconds == pytest.approx(1.9)  # the speech and its trim margins (0.2 s each side)
     _cache_matches_history(model, chat)
@@ -226,8 +223,8 @@ def test_after_a_pause_logits_overwritten_since_are_computed_again(model, bundle
     prefilled = []
     real = chat._prefill
     monkeypatch.setattr(chat, "_prefill", lambda items: (prefilled.append(sum(map(len, items))), real(items)))
-    seen = first_logits(monkeypatch)
-    text, _ = answer(lis)
+    with sampled() as seen:
+        text, _ = answer(lis)
     assert prefilled == [1]
     same_as_at_once(bundle, ["hello"], chat, text, logits=seen[0])
 
