@@ -80,6 +80,12 @@ def test_bench_rejects_bad_lengths(bundle, clip):
     assert r.returncode == 1 and r.stderr.strip().startswith("llasm-bench: error: --lengths")
 
 
+def test_bench_rejects_a_pause_that_is_not_positive(bundle, clip):
+    r = subprocess.run([sys.executable, "-m", "llasm.cli.bench", "--bundle", str(bundle), "--audio", str(clip),
+                        "--lengths", "1", "--pause", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == "llasm-bench: error: --pause must be > 0 seconds, got 0.0"
+
+
 def test_clip_of_length_tiles_and_crops():
     import numpy as np
 
