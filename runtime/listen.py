@@ -154,11 +154,6 @@ class Listener:
             self._worker.start()
 
     @property
-    def seconds(self) -> float:
-        """Audio fed so far."""
-        return self._n / SAMPLE_RATE
-
-    @property
     def rows_ahead(self) -> int:
         """Audio rows already in the KV cache (begin and end rows included)."""
         return sum(len(f) for f in self._ahead if isinstance(f, np.ndarray))
