@@ -23,7 +23,7 @@ def _table(result) -> str:
             line += (f" | {r.cascade.encode_ms[L]:11.1f} {r.cascade.first_token_ms[L]:8.1f} "
                      f"{r.llasm.first_token_ms[L] / r.cascade.first_token_ms[L]:6.2f}")
         lines.append(line)
-    lines.append(f"decode: {r.decode_tokens_per_s:.1f} tok/s vs plain llama-cpp-python "
+    lines.append(f"decode: {r.decode_tokens_per_s:.1f} tok/s vs plain llama.cpp "
                  f"{r.plain_llama_tokens_per_s:.1f} tok/s ({r.ratios['decode_vs_plain_llama']:.2f}x)")
     lines.append(f"peak RSS: LLaSM {r.llasm.peak_rss_mb:.0f} MB" +
                  (f", cascade {r.cascade.peak_rss_mb:.0f} MB" if r.cascade else ""))

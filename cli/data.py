@@ -13,14 +13,18 @@ def _answerer(args):
     path = _local_path(args.llm)
     if not (path.is_file() and path.suffix == ".gguf"):
         raise ValueError(f"--llm needs a .gguf file or package:qwen2.5-0.5b, got {args.llm}")
-    import llama_cpp
+    from ..runtime.llm import LLM
+    from ..runtime.prompt import Turn
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=args.threads, verbose=False)
+    llm = LLM(path, n_ctx=1024, n_threads=args.threads)
+    prompt = llm.prompt_format()
 
     def answer(question: str) -> str:
-        out = llm.create_chat_completion(messages=[{"role": "user", "content": question}],
-                                         max_tokens=args.max_answer_tokens, temperature=0.0)
-        return out["choices"][0]["message"]["content"]
+        text = "".join(seg.text for seg in prompt.render([Turn("user", (question,))]))
+        reply = llm.complete(llm.tokenize(text), args.max_answer_tokens).decode("utf-8", "replace")
+        for stop in prompt.stop:
+            reply = reply.split(stop)[0]
+        return reply.strip()
 
     return answer
 

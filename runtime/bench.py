@@ -195,27 +195,32 @@ def _decode_rate(llm, prompt: str, n: int, repeats: int) -> float:
 
 
 def _plain_llama_rate(cfg: BenchConfig) -> dict:
-    """Tokens/s of plain llama-cpp-python generating greedily from the same GGUF (the baseline)."""
+    """Tokens/s of llama.cpp alone generating greedily from the same GGUF: its own greedy sampler, the token fed back
+    with llama_batch_get_one, no Python per token but the loop (the baseline for the runtime's own step)."""
     import llama_cpp
 
     from .bundle import read_bundle
-    from .llm import _route_llama_logs
+    from .llm import LLM
 
-    _route_llama_logs(llama_cpp)  # llama.cpp's load messages (e.g. about a LoRA's buffers) to logging, as the runtime
     b = read_bundle(cfg.bundle, verify=False)
-    llm = llama_cpp.Llama(model_path=str(b.llm), n_ctx=2048, n_threads=cfg.threads, n_threads_batch=cfg.threads,
-                          lora_path=str(b.llm_lora) if b.llm_lora else None, verbose=False)
-    prompt = llm.tokenize(_decode_prompt(b).encode("utf-8"), add_bos=False, special=True)
+    llm = LLM(b.llm, n_ctx=2048, n_threads=cfg.threads, lora_path=b.llm_lora)
+    prompt = llm.tokenize(_decode_prompt(b))
+    sampler = llama_cpp.llama_sampler_init_greedy()
+    one = (llama_cpp.llama_token * 1)()
     rates = []
-    for _ in range(cfg.repeats + 1):
-        llm.reset()
-        gen = llm.generate(prompt, temp=0.0, reset=True)
-        next(gen)  # prompt processed, first token sampled
-        t = time.perf_counter()
-        for _ in range(cfg.decode_tokens):
-            next(gen)
-        rates.append(cfg.decode_tokens / (time.perf_counter() - t))
-    llm.close()
+    try:
+        for _ in range(cfg.repeats + 1):
+            llm.truncate(0)
+            llm.eval_tokens(prompt)
+            t = time.perf_counter()
+            for _ in range(cfg.decode_tokens):
+                one[0] = llama_cpp.llama_sampler_sample(sampler, llm.ctx, -1)
+                if llama_cpp.llama_decode(llm.ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
+                    raise RuntimeError("llama_decode failed in the plain llama.cpp baseline")
+            rates.append(cfg.decode_tokens / (time.perf_counter() - t))  # truncate(0) clears what it decoded
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+        llm.close()
     return {"rate": _median(rates[1:])}
 
 
@@ -269,7 +274,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         raise ValueError("the benchmark needs at least one speech clip (--audio)")
     log.info("LLaSM path")
     llasm = _in_child(_llasm_path, cfg, clips)
-    log.info("plain llama-cpp-python decode")
+    log.info("plain llama.cpp decode")
     plain = _in_child(_plain_llama_rate, cfg)
     cascade = None
     if cfg.cascade_whisper:

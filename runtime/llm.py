@@ -38,6 +38,19 @@ def _route_llama_logs(llama_cpp) -> None:
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
+FALLBACK_NOTE = "llama.cpp runs without extra buffer types (AMX, repacked weights)"
+_ENV_HINT = "LLASM_EXTRA_BUFTS=on|off overrides"
+_said: set = set()
+
+
+def _say_once(message: str, level: int) -> None:
+    """A one-line note, once per process (each model load would repeat it): a warning the time the CPU check finds
+    the fault (every CLI shows it), then at INFO (shown by CLIs that show progress, and with -v)."""
+    if message not in _said:
+        _said.add(message)
+        log.log(level, "%s", message)
+
+
 class LLMError(RuntimeError):
     pass
 
@@ -47,24 +60,55 @@ class ContextFull(LLMError):
 
 
 class LLM:
+    """One llama.cpp model and context, loaded with the low-level API (the `Llama` class cannot turn off extra
+    buffer types, which fault on some CPUs: cpu_check.py). extra_bufts: None decides by cpu_check."""
+
     def __init__(self, path, n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, seed: int = 0, verbose: bool = False, lora_path=None):
+                 n_gpu_layers: int = 0, seed: int = 0, verbose: bool = False, lora_path=None,
+                 extra_bufts: bool | None = None):
         try:
             import llama_cpp
         except ImportError as e:
             raise LLMError("llama-cpp-python is not installed: pip install llama-cpp-python") from e
         self._lib = llama_cpp
+        self.model = self.ctx = self._lora = None
+        self._tokens = self._embeds = None
         _route_llama_logs(llama_cpp)
+        if not os.path.isfile(path):
+            raise LLMError(f"llama.cpp cannot load {path}: no such file")
+        if extra_bufts is None:
+            from .cpu_check import extra_bufts as check
+
+            verdict = check(path, n_gpu_layers)
+            extra_bufts = verdict.extra_bufts
+            if not extra_bufts:
+                _say_once(f"{FALLBACK_NOTE}: {verdict.why}; {_ENV_HINT}", logging.WARNING if verdict.checked_now
+                          else logging.INFO)
+        self.extra_bufts = extra_bufts
         n_threads = n_threads or max(1, os.cpu_count() or 1)
-        try:
-            self._llama = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                                          n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers,
-                                          seed=seed, verbose=verbose,
-                                          lora_path=str(lora_path) if lora_path else None)
-        except ValueError as e:
-            raise LLMError(f"llama.cpp cannot load {path}: {e}") from None
-        self.ctx = self._llama.ctx
-        self.model = self._llama.model
+        llama_cpp.llama_backend_init()
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        mp.use_extra_bufts = extra_bufts
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), mp)
+        if not self.model:
+            self.model = None
+            raise LLMError(f"llama.cpp cannot load {path}: not a GGUF model it reads (run with -v for its log)")
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, n_batch
+        cp.n_threads = cp.n_threads_batch = n_threads
+        cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            self.ctx = None
+            self.close()
+            raise LLMError(f"llama.cpp cannot make a context of {n_ctx} positions for {path}")
+        if lora_path:
+            self._lora = llama_cpp.llama_adapter_lora_init(self.model, str(lora_path).encode("utf-8"))
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora) if self._lora else None
+            if not self._lora or llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(1.0)):
+                self.close()
+                raise LLMError(f"llama.cpp cannot apply the LoRA adapter {lora_path} to {path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_embd = int(llama_cpp.llama_model_n_embd(self.model))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
@@ -90,7 +134,15 @@ class LLM:
 
     def tokenize(self, text: str) -> list[int]:
         """Text with special tokens parsed (chat markup), never an implicit BOS: the prompt format adds it."""
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (self._lib.llama_token * n_max)()
+        n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, n_max, False, True)
+        if n < 0:  # more tokens than bytes cannot happen for BPE; a tokenizer that does says how many
+            n_max = -n
+            buf = (self._lib.llama_token * n_max)()
+            n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, n_max, False, True)
+        return list(buf[:n])
 
     def piece(self, token: int) -> bytes:
         """The bytes a generated token stands for (control tokens give none)."""
@@ -100,6 +152,44 @@ class LLM:
             buf = ctypes.create_string_buffer(-n)
             n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
+
+    @property
+    def chat_template(self) -> str:
+        """The GGUF's own chat template (Jinja), "" when it has none."""
+        t = self._lib.llama_model_chat_template(self.model, None)
+        return t.decode("utf-8") if t else ""
+
+    def special_text(self, which: str) -> str:
+        """The text of the vocabulary's "bos" or "eos" token, "" when it has none."""
+        token = {"bos": self._lib.llama_vocab_bos, "eos": self._lib.llama_vocab_eos}[which](self.vocab)
+        if token < 0:
+            return ""
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:max(n, 0)].decode("utf-8", "replace")
+
+    def prompt_format(self):
+        """The conversation format read from the GGUF's chat template (as training reads the tokenizer's)."""
+        from .prompt import PromptFormat, jinja_renderer
+
+        if not self.chat_template:
+            raise LLMError(f"{self._path} has no chat template; an instruction-tuned LLM is needed")
+        bos, eos = self.special_text("bos"), self.special_text("eos")
+        return PromptFormat.from_chat_template(jinja_renderer(self.chat_template, bos, eos), bos=bos)
+
+    def complete(self, ids: list[int], max_tokens: int) -> bytes:
+        """Greedy continuation of ids from an empty cache, up to an end-of-generation token: its bytes."""
+        self.truncate(0)
+        self.eval_tokens(ids)
+        out = []
+        for _ in range(max_tokens):
+            token = int(np.argmax(self.logits(copy=False)))
+            if self.is_eog(token) or self.n_past >= self.n_ctx:
+                break
+            out.append(token)
+            self.eval_tokens([token])
+        self.truncate(0)
+        return b"".join(self.piece(t) for t in out)
 
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
@@ -204,11 +294,22 @@ class LLM:
         self.truncate(n)
 
     def close(self) -> None:
-        if getattr(self, "_llama", None) is not None:
-            self._lib.llama_batch_free(self._tokens)
-            self._lib.llama_batch_free(self._embeds)
-            self._llama.close()
-            self._llama = None
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        for batch in ("_tokens", "_embeds"):
+            if getattr(self, batch, None) is not None:
+                lib.llama_batch_free(getattr(self, batch))
+                setattr(self, batch, None)
+        if getattr(self, "ctx", None) is not None:
+            lib.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "_lora", None):
+            lib.llama_adapter_lora_free(self._lora)
+        self._lora = None
+        if getattr(self, "model", None) is not None:
+            lib.llama_model_free(self.model)
+            self.model = None
 
     def __del__(self):
         try:

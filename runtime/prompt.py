@@ -206,6 +206,29 @@ class PromptFormat:
                    system=system_tmpl, bos=template_bos, system_joiner=joiner, default_system=default_system)
 
 
+def jinja_renderer(template: str, bos_token: str = "", eos_token: str = "") -> Callable[[list[dict], bool], str]:
+    """render(messages, add_generation_prompt) for a Jinja chat template (as a GGUF stores it), rendered the way
+    transformers renders it (sandboxed, trim_blocks, lstrip_blocks); for PromptFormat.from_chat_template."""
+    try:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:  # pragma: no cover - jinja2 comes with llama-cpp-python
+        raise ValueError("reading a chat template needs jinja2: pip install jinja2") from e
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    compiled = env.from_string(template)
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                               bos_token=bos_token, eos_token=eos_token)
+
+    return render
+
+
 def _merge_text(segments: list[Segment]) -> list[Segment]:
     """Join neighbouring text segments of the same labelling."""
     out: list[Segment] = []
