@@ -147,7 +147,7 @@ def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str 
         if lora_path:
             files[B.LLM_LORA] = B.file_entry(lora_path)
         manifest = {
-            "format": B.FORMAT, "version": B.VERSION,
+            "format": B.FORMAT, "version": B.VERSION, "adaptor": {"kind": model.cfg.adaptor.kind},
             "geometry": geometry.to_dict(), "prompt": model.cfg.prompt.to_dict(),
             "transcribe_instruction": model.cfg.transcribe_instruction,
             "n_embd": int(model.llm.config.hidden_size),

@@ -3,9 +3,11 @@
     samples (16 kHz mono float32)
       -> log-mel frames      one per HOP_LENGTH samples (10 ms)
       -> encoder frames      conv2 has stride 2: one per 20 ms
-      -> adaptor rows        stack_factor encoder frames become one LLM embedding row
-                             (or fixed_rows per encoder pass, whatever its length: the llasm-query adaptor)
-      + 2 rows               learned begin/end-of-audio embeddings around every audio segment
+      -> adaptor rows        rows = "frames": stack_factor encoder frames become one LLM embedding row (stack-mlp)
+                             rows = "queries": fixed_rows per encoder pass, whatever its length (llasm-query)
+                             rows = "tokens": one per token of Whisper's own transcript (whisper-decoder): how many
+                             depends on what was said, not on the length
+      + 2 rows               learned begin/end-of-audio embeddings around every audio segment (stack-mlp, llasm-query)
 
 Whisper's encoder has a table of 1500 positions (30 s); longer audio is cut into 30 s chunks.
 """
@@ -23,6 +25,7 @@ HOP_LENGTH = 160  # samples, 10 ms between log-mel frames
 ENCODER_STRIDE = 2  # log-mel frames per encoder frame
 MAX_ENCODER_POSITIONS = 1500  # encoder frames in Whisper's positional table: 30 s
 N_BOUNDARY_ROWS = 2  # begin-of-audio and end-of-audio rows added by the adaptor
+ROW_UNITS = ("frames", "queries", "tokens")
 
 
 @dataclass(frozen=True)
@@ -38,14 +41,21 @@ class AudioGeometry:
     max_encoder_positions: int = MAX_ENCODER_POSITIONS
     boundary_rows: int = N_BOUNDARY_ROWS
     fixed_rows: int = 0  # 0: rows grow with the length; > 0: rows per encoder pass, boundaries aside
+    rows: str = ""  # "frames", "queries" or "tokens" (see the module docstring); "" reads it from fixed_rows
 
     def __post_init__(self):
+        if self.fixed_rows < 0:
+            raise ValueError(f"fixed_rows must be >= 0 (0: rows grow with the length), got {self.fixed_rows}")
+        if not self.rows:
+            object.__setattr__(self, "rows", "queries" if self.fixed_rows else "frames")
+        if self.rows not in ROW_UNITS:
+            raise ValueError(f"rows must be one of {ROW_UNITS}, got {self.rows!r}")
+        if (self.rows == "queries") != (self.fixed_rows > 0):
+            raise ValueError(f"fixed_rows ({self.fixed_rows}) goes with rows 'queries' only, rows is {self.rows!r}")
         if self.n_mels not in (80, 128):
             raise ValueError(f"n_mels must be 80 or 128 (Whisper's), got {self.n_mels}")
         if self.stack_factor < 1:
             raise ValueError(f"stack_factor must be >= 1, got {self.stack_factor}")
-        if self.fixed_rows < 0:
-            raise ValueError(f"fixed_rows must be >= 0 (0: rows grow with the length), got {self.fixed_rows}")
         if (self.sample_rate, self.n_fft, self.hop_length, self.encoder_stride) != (
             SAMPLE_RATE, N_FFT, HOP_LENGTH, ENCODER_STRIDE):
             raise ValueError("Whisper geometry is fixed: 16 kHz, n_fft 400, hop 160, stride 2")
@@ -68,8 +78,15 @@ class AudioGeometry:
         """conv1 (stride 1) then conv2 (kernel 3, stride 2, padding 1)."""
         return (n_frames - 1) // self.encoder_stride + 1
 
+    @property
+    def streams(self) -> bool:
+        """Each row stands for a stretch of audio, so rows can be computed while the audio comes in."""
+        return self.rows == "frames"
+
     def n_rows_for_frames(self, n_frames: int) -> int:
         """Adaptor output rows for one encoder pass over n_frames log-mel frames."""
+        if self.rows == "tokens":
+            raise ValueError("rows of Whisper's transcript depend on what was said: they are known after decoding")
         if self.fixed_rows:
             return self.fixed_rows + self.boundary_rows
         return math.ceil(self.n_encoder_frames(n_frames) / self.stack_factor) + self.boundary_rows
@@ -86,6 +103,8 @@ class AudioGeometry:
     @property
     def embeddings_per_second(self) -> float:
         """Rows per second of long audio, boundaries aside."""
+        if self.rows == "tokens":
+            raise ValueError("rows of Whisper's transcript depend on what was said, not on the length")
         if self.fixed_rows:
             return self.fixed_rows * self.sample_rate / self.max_chunk_samples
         return self.sample_rate / (self.hop_length * self.encoder_stride * self.stack_factor)

@@ -1,9 +1,18 @@
 """The bundle: what ships to a laptop. A directory with a versioned manifest that describes every file.
 
-    manifest.json       format, version, audio geometry, prompt format, n_embd, files (sha256, size), provenance
-    audio_encoder.onnx  log-mel (1, n_mels, T) -> embedding rows (R, n_embd)
+    manifest.json       format, version, adaptor, audio geometry, prompt format, n_embd, files (sha256, size),
+                        provenance
     llm.gguf            the LLM for llama.cpp
     llm.lora.gguf       (optional) a LoRA adapter llama.cpp applies on top of llm.gguf
+  adaptor "stack-mlp" or "llasm-query" (version 1 bundles are these):
+    audio_encoder.onnx  log-mel (1, n_mels, T) -> embedding rows (R, n_embd)
+  adaptor "whisper-decoder" (version 2):
+    audio_encoder.onnx  Whisper's encoder: log-mel -> the decoder's cross-attention keys and values
+    text_decoder.onnx   Whisper's decoder step with a KV cache -> logits and state of the next token
+    whisper_tokens.json Whisper's vocabulary (byte-level BPE strings) and suppress lists
+    row_map.npz         (optional) a learned map from decoder states to rows: weight (n_embd, d), bias (n_embd,)
+  manifest["adaptor"]: {"kind", and for whisper-decoder: "rows" (soft|hard), "languages", "pad_seconds", "begin",
+  "end"}
 """
 from __future__ import annotations
 
@@ -16,11 +25,18 @@ from .audio import AudioGeometry
 from .prompt import TRANSCRIBE_INSTRUCTION, PromptFormat
 
 FORMAT = "llasm-bundle"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # manifest versions this llasm reads
 MANIFEST = "manifest.json"
 AUDIO_ENCODER = "audio_encoder"  # keys of manifest["files"]
 LLM = "llm"
 LLM_LORA = "llm_lora"  # optional: a GGUF LoRA adapter applied on top of llm
+TEXT_DECODER = "text_decoder"  # whisper-decoder
+WHISPER_TOKENS = "whisper_tokens"  # whisper-decoder
+ROW_MAP = "row_map"  # whisper-decoder, optional
+ADAPTOR_KINDS = ("stack-mlp", "llasm-query", "whisper-decoder")
+NEEDS = {"whisper-decoder": (TEXT_DECODER, WHISPER_TOKENS)}  # files a kind needs besides the encoder and the LLM
+OPTIONAL = (LLM_LORA, ROW_MAP)
 
 
 class BundleError(ValueError):
@@ -48,8 +64,16 @@ class Bundle:
     n_embd: int
     transcribe_instruction: str
 
+    @property
+    def adaptor(self) -> dict:
+        """The adaptor's settings; "kind" at least (a version 1 bundle's is stack-mlp or llasm-query)."""
+        return self.manifest.get("adaptor") or {"kind": "llasm-query" if self.geometry.fixed_rows else "stack-mlp"}
+
     def file(self, key: str) -> Path:
         return self.path / self.manifest["files"][key]["path"]
+
+    def optional(self, key: str) -> Path | None:
+        return self.file(key) if key in self.manifest["files"] else None
 
     @property
     def audio_encoder(self) -> Path:
@@ -61,7 +85,7 @@ class Bundle:
 
     @property
     def llm_lora(self) -> Path | None:
-        return self.file(LLM_LORA) if LLM_LORA in self.manifest["files"] else None
+        return self.optional(LLM_LORA)
 
 
 def read_bundle(path, verify: bool = True) -> Bundle:
@@ -78,14 +102,19 @@ def read_bundle(path, verify: bool = True) -> Bundle:
         raise BundleError(f"{mf} is not valid JSON: {e}") from None
     if manifest.get("format") != FORMAT:
         raise BundleError(f"{mf} is not a llasm bundle manifest (format {manifest.get('format')!r})")
-    if manifest.get("version") != VERSION:
-        raise BundleError(f"bundle format version {manifest.get('version')} is not supported (expected {VERSION})")
+    if manifest.get("version") not in READS:
+        raise BundleError(f"bundle format version {manifest.get('version')} is not supported (this llasm reads "
+                          f"{', '.join(map(str, READS))}: a newer llasm wrote it?)")
     try:
         geometry = AudioGeometry.from_dict(manifest["geometry"])
         prompt = PromptFormat.from_dict(manifest["prompt"])
         n_embd = int(manifest["n_embd"])
         files = manifest["files"]
-        entries = [files[AUDIO_ENCODER], files[LLM]] + ([files[LLM_LORA]] if LLM_LORA in files else [])
+        kind = (manifest.get("adaptor") or {}).get("kind", "llasm-query" if geometry.fixed_rows else "stack-mlp")
+        if kind not in ADAPTOR_KINDS:
+            raise ValueError(f"adaptor kind {kind!r} is not one of {ADAPTOR_KINDS}")
+        needed = (AUDIO_ENCODER, LLM) + NEEDS.get(kind, ())
+        entries = [files[k] for k in needed] + [files[k] for k in OPTIONAL if k in files]
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{mf} is incomplete or malformed: {type(e).__name__} {e}") from None
     for entry in entries:

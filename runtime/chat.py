@@ -24,6 +24,7 @@ from .audio import SAMPLE_RATE, load_audio
 from .bundle import Bundle, BundleError, read_bundle
 from .encoder import AudioEncoder
 from .llm import LLM, ContextFull
+from .loops import loop_excess
 from .prompt import Turn, transcribe_turns
 
 if TYPE_CHECKING:
@@ -50,26 +51,11 @@ class Reply:
     tokens_per_s: float = 0.0
     audio_seconds: float = 0.0
     looped: bool = False  # stopped at a decoding loop: text and history keep one copy of the repeated block
+    heard: str | None = None  # what Whisper heard in the turn's audio (whisper-decoder bundles), for display only:
+    #                           the LLM reads the audio's rows, never this text
 
 
 TRANSCRIPT_TOKENS_PER_S = 10  # read speech in the training data: 3.2 (en) and 2.5 (zh) Qwen tokens/s, at most 6.4
-LOOP_REPEATS = 3  # an answer that ends in the same block of tokens this many times in a row is a decoding loop...
-LOOP_MIN_TOKENS = 12  # ...when the repeats span at least this many tokens ("no, no, no" is an answer, not a loop)
-LOOP_MAX_BLOCK = 64  # blocks up to this long are looked for: the check per decoded token stays bounded
-
-
-def loop_excess(tokens: list) -> int:
-    """How many tokens at the end repeat a block: tokens whose last max(LOOP_REPEATS * p, LOOP_MIN_TOKENS) tokens
-    are periodic with period p <= LOOP_MAX_BLOCK (the shortest such p) give that span less its first block; 0 when
-    there is no loop. Runs once per decoded token, over at most LOOP_REPEATS * LOOP_MAX_BLOCK tokens."""
-    n = len(tokens)
-    for p in range(1, min(n // LOOP_REPEATS, LOOP_MAX_BLOCK) + 1):
-        span = max(LOOP_REPEATS * p, LOOP_MIN_TOKENS)
-        if span <= n and tokens[n - span: n - p] == tokens[n - span + p:]:
-            return span - p
-    return 0
-
-
 class LLaSM:
     """A loaded bundle: the audio encoder (onnxruntime) and the LLM (llama.cpp)."""
 
@@ -92,14 +78,19 @@ class LLaSM:
         else:
             path = Path(bundle)
         b = read_bundle(path, verify=verify)
-        encoder = AudioEncoder(b.audio_encoder, b.geometry, n_threads=n_threads)
-        if encoder.n_embd != b.n_embd:
+        heard = b.adaptor["kind"] == "whisper-decoder"  # its rows come from the LLM's own embeddings: after the LLM
+        encoder = None if heard else AudioEncoder(b.audio_encoder, b.geometry, n_threads=n_threads)
+        if encoder is not None and encoder.n_embd != b.n_embd:
             raise BundleError(f"bundle needs n_embd {b.n_embd}, audio encoder gives {encoder.n_embd}")
         llm = LLM(b.llm, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, verbose=verbose,
                   lora_path=b.llm_lora)
         if llm.n_embd != b.n_embd:
             raise BundleError(f"bundle needs n_embd {b.n_embd}, the LLM has {llm.n_embd}")
         llm.warm_up()
+        if heard:
+            from .heard_rows import heard_encoder
+
+            encoder = heard_encoder(b, llm, n_threads)
         model = cls(b, encoder, llm)
         model._prefill_default_header()
         return model
@@ -109,8 +100,9 @@ class LLaSM:
         for seg in self.bundle.prompt.render([], add_generation_prompt=False):
             self.llm.eval_tokens(self.llm.tokenize(seg.text))
 
-    def chat(self, system: str | None = None) -> "Chat":
-        return Chat(self, system)
+    def chat(self, system: str | None = None, history=()) -> "Chat":
+        """A new conversation; history: (user text, assistant text) exchanges it starts from."""
+        return Chat(self, system, history)
 
     def transcribe(self, audio, sample_rate: int | None = None, max_tokens: int | None = None) -> str:
         """Speech to text through the LLM, with the bundle's transcribe instruction; leaves no history. A transcript
@@ -142,11 +134,19 @@ class Chat:
     from their stored embedding rows (audio is not re-encoded).
     """
 
-    def __init__(self, model: LLaSM, system: str | None = None):
+    def __init__(self, model: LLaSM, system: str | None = None, history=()):
+        """history: (user text, assistant text) exchanges the conversation starts from (examples for the model to
+        follow); they reach the KV cache with the first turn, and stay there for a conversation that starts alike."""
         self.model = model
         self.system = system
         self.exchanges: list[_Exchange] = []
-        self._fed: list = []  # what this chat put in the KV cache: token lists and embedding arrays
+        llm, end = model.llm, model.bundle.prompt.end_of_turn
+        for user, assistant in history:
+            if not (isinstance(user, str) and isinstance(assistant, str)):
+                raise ValueError(f"history holds (user text, assistant text) pairs, got {(user, assistant)!r}")
+            reply = llm.tokenize(assistant, special=False) + llm.tokenize(end)
+            self.exchanges.append(_Exchange(Turn("user", (user,)), [], reply, assistant))
+        self._fed: list = self._replay(self.exchanges)  # what this chat put in the KV cache: tokens and rows
         self._cancel = threading.Event()
         self.dropped = 0  # exchanges dropped to fit the context
 
@@ -189,15 +189,18 @@ class Chat:
             turn = Turn("user", tuple(samples if p is None else p for t in _turns for p in t.parts))
         else:
             turn = Turn("user", tuple(([samples] if samples is not None else []) + ([text] if text else [])))
-        rows, t_feat, t_enc = [], 0.0, 0.0
+        rows, heard, t_feat, t_enc = [], [], 0.0, 0.0
         for part in turn.parts:  # encode before touching the KV cache: bad audio changes nothing
             if not isinstance(part, str):
                 a = time.perf_counter()
                 mels = self.model.encoder.features(part)
                 b = time.perf_counter()
-                rows.append(self.model.encoder.encode(mels))
+                r, h = self.model.encoder.encode_heard(mels)
+                rows.append(r)
+                heard += [h.text] if h is not None else []
                 t_feat += b - a
                 t_enc += time.perf_counter() - b
+        reply.heard = " ".join(heard) if heard else None
         yield from self._generate(turn, rows, reply, t0, t_feat, t_enc, max_tokens, temperature, seed)
 
     def _feed(self, turn: Turn, rows: list, start: bool) -> list:

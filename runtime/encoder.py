@@ -45,5 +45,9 @@ class AudioEncoder:
         rows = [self.session.run(None, {"mel": m})[0] for m in mels]
         return np.ascontiguousarray(np.concatenate(rows, axis=0), dtype=np.float32)
 
+    def encode_heard(self, mels: list[np.ndarray]) -> tuple[np.ndarray, None]:
+        """As encode; this adaptor hears no words (whisper-decoder's HeardEncoder returns what Whisper heard)."""
+        return self.encode(mels), None
+
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         return self.encode(self.features(samples))

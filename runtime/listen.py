@@ -124,6 +124,12 @@ class ListenedEncoder:
     def encode(self, parts: list) -> np.ndarray:
         return listened_rows(self.encoder, parts[0], **self.kw)
 
+    def encode_heard(self, parts: list) -> tuple:
+        """As encode; an adaptor whose rows do not stream is given the whole clip, as a Listener gives it."""
+        if not self.geometry.streams:
+            return self.encoder.encode_heard(self.encoder.features(parts[0]))
+        return self.encode(parts), None
+
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         return listened_rows(self.encoder, samples, **self.kw)
 
@@ -147,8 +153,8 @@ class Listener:
         self._guess = (None, None, None)  # (start, end, rows) of the audio last prefilled whole, speech seeming over
         self._answered = False
         self._worker = None
-        if chat.model.encoder.geometry.fixed_rows:  # rows must map to stretches of audio: not the query adaptor's
-            self._stopped = True  # answer() does all the work
+        if not chat.model.encoder.geometry.streams:  # rows must map to stretches of audio: not the query adaptor's,
+            self._stopped = True  # not Whisper's transcript; answer() does all the work
         else:
             self._worker = threading.Thread(target=self._run, name="llasm-listener", daemon=True)
             self._worker.start()

@@ -132,16 +132,17 @@ class LLM:
         grows only by decodes, so a truncate since shows as a shorter one)."""
         return self._logits_at > 0 and self._logits_at == self.n_past
 
-    def tokenize(self, text: str) -> list[int]:
-        """Text with special tokens parsed (chat markup), never an implicit BOS: the prompt format adds it."""
-        data = text.encode("utf-8")
+    def tokenize(self, text: str | bytes, special: bool = True) -> list[int]:
+        """Text with special tokens parsed (chat markup; special=False: what someone said, taken literally), never an
+        implicit BOS: the prompt format adds it."""
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         n_max = len(data) + 8
         buf = (self._lib.llama_token * n_max)()
-        n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, n_max, False, True)
+        n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, n_max, False, special)
         if n < 0:  # more tokens than bytes cannot happen for BPE; a tokenizer that does says how many
             n_max = -n
             buf = (self._lib.llama_token * n_max)()
-            n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, n_max, False, True)
+            n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, n_max, False, special)
         return list(buf[:n])
 
     def piece(self, token: int) -> bytes:

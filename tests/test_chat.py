@@ -223,7 +223,7 @@ def test_a_transcript_is_capped_by_the_length_of_its_audio(bundle, monkeypatch):
 
 
 def test_loop_excess_finds_the_repeated_tail():
-    from llasm.runtime.chat import LOOP_MAX_BLOCK, LOOP_MIN_TOKENS, loop_excess
+    from llasm.runtime.loops import LOOP_MAX_BLOCK, LOOP_MIN_TOKENS, loop_excess
 
     assert loop_excess([7] * LOOP_MIN_TOKENS) == LOOP_MIN_TOKENS - 1  # one token said over and over: keep one
     assert loop_excess([7] * (LOOP_MIN_TOKENS - 1)) == 0  # too short to call a loop

@@ -250,7 +250,7 @@ def test_without_rows_tied_to_time_the_answer_does_it_all_as_chat_send_does(bund
     model = LLaSM.load(bundle)
     x = tiny.speech(2.5, seed=12)
     want = model.chat().send(audio=x, max_tokens=4).text
-    model.encoder.geometry = dataclasses.replace(model.encoder.geometry, fixed_rows=4)
+    model.encoder.geometry = dataclasses.replace(model.encoder.geometry, fixed_rows=4, rows="queries")
     lis = model.chat().listen(trim=False, step_rows=3, context_rows=2, lookahead_rows=2)
     heard(lis, x, block=4000)  # wait() returns: nothing is listening ahead
     assert lis.rows_ahead == 0 and lis._worker is None

@@ -17,10 +17,14 @@ import mmap
 import re
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .whisper import WhisperDecoder, WhisperDecoderConfig, WhisperEncoder, WhisperEncoderConfig
+from .whisper_config import WhisperDecoderConfig, WhisperEncoderConfig
+
+if TYPE_CHECKING:
+    from .whisper import WhisperEncoder
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +244,8 @@ def load_ct2_whisper_encoder(model_dir_or_bin) -> WhisperEncoder:
     path = _model_bin(model_dir_or_bin)
     variables = read_ct2(path, spec=WHISPER_SPEC)
     cfg = encoder_config_from_ct2(variables)
+    from .whisper import WhisperEncoder
+
     encoder = WhisperEncoder(cfg)
     _load_state(encoder, encoder_state_from_ct2(variables, cfg), path, cfg)
     log.info("loaded Whisper encoder from %s: %d layers, d_model %d, %d heads, %d mels", path, cfg.n_layers,
@@ -322,6 +328,8 @@ def load_ct2_whisper_decoder(model_dir_or_bin, n_queries: int):
     path = _model_bin(model_dir_or_bin)
     variables = read_ct2(path, spec=WHISPER_SPEC)
     cfg = decoder_config_from_ct2(variables, n_queries)
+    from .whisper import WhisperDecoder
+
     decoder = WhisperDecoder(cfg)
     _load_state(decoder, decoder_state_from_ct2(variables, cfg), path, cfg)
     sot = start_token_id(path.parent)

@@ -1,0 +1,185 @@
+"""A whisper-decoder bundle from a CTranslate2 Whisper directory and a GGUF LLM, with numpy, onnx and gguf only (no
+torch): Whisper's encoder and decoder step as ONNX graphs (whisper_onnx.py), its vocabulary, the LLM GGUF as it
+is (linked or copied), the prompt format read from the GGUF's chat template, and a manifest that describes it all.
+
+The contract is checked before the bundle is moved into place: the graphs load in onnxruntime with the declared
+inputs and outputs, and the bundle, loaded as the runtime loads it, transcribes a probe clip (for the default
+bundle, the packaged sample must come out with the words it says).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime import bundle as B
+from ..runtime.audio import AudioGeometry, load_audio
+from ..runtime.prompt import TRANSCRIBE_INSTRUCTION
+
+log = logging.getLogger(__name__)
+
+ROWS = ("soft", "hard")
+DEFAULT_ADAPTOR = {"kind": "whisper-decoder", "rows": "soft", "languages": ["en", "zh"], "pad_seconds": 0.5,
+                   "begin": "", "end": ""}
+
+
+class BuildError(RuntimeError):
+    """The built bundle does not do what it declares."""
+
+
+@dataclass
+class BuildReport:
+    bundle: Path
+    files: dict = field(default_factory=dict)  # name -> bytes
+    checks: dict = field(default_factory=dict)
+
+
+def adaptor_settings(settings: dict | None) -> dict:
+    """DEFAULT_ADAPTOR updated with `settings`, checked."""
+    cfg = dict(DEFAULT_ADAPTOR, **(settings or {}))
+    if cfg["kind"] != "whisper-decoder":
+        raise ValueError(f"this builder writes whisper-decoder bundles, the settings say {cfg['kind']!r}")
+    if cfg["rows"] not in ROWS:
+        raise ValueError(f"adaptor rows must be one of {ROWS}, got {cfg['rows']!r}")
+    if not cfg["languages"] or not all(isinstance(x, str) for x in cfg["languages"]):
+        raise ValueError(f"adaptor languages must be a non-empty list of Whisper language codes, got "
+                         f"{cfg['languages']!r}")
+    if not 0.0 <= float(cfg["pad_seconds"]) <= 30.0:
+        raise ValueError(f"pad_seconds must lie in [0, 30], got {cfg['pad_seconds']}")
+    unknown = sorted(set(cfg) - set(DEFAULT_ADAPTOR))
+    if unknown:
+        raise ValueError(f"unknown adaptor settings {unknown}; known: {sorted(DEFAULT_ADAPTOR)}")
+    return cfg
+
+
+def whisper_tokens(whisper_dir: Path) -> dict:
+    """whisper_tokens.json's content from a CTranslate2 Whisper directory (vocabulary.txt, config.json)."""
+    vocabulary, config = whisper_dir / "vocabulary.txt", whisper_dir / "config.json"
+    if not vocabulary.is_file():
+        raise FileNotFoundError(f"{whisper_dir} has no vocabulary.txt: expected a CTranslate2 Whisper directory")
+    tokens = vocabulary.read_text(encoding="utf-8").split("\n")
+    tokens = tokens[:-1] if tokens and tokens[-1] == "" else tokens
+    conf = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    return {"tokens": tokens, "suppress": conf.get("suppress_ids", []),
+            "suppress_begin": conf.get("suppress_ids_begin", [])}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where src and dst share a file system (the packaged GGUF is never written to), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def write_graphs(whisper_dir: Path, out: Path) -> tuple[Path, Path, int]:
+    """audio_encoder.onnx and text_decoder.onnx from the CTranslate2 weights -> their paths and n_mels."""
+    import onnx
+
+    from ..training.ct2 import (_model_bin, decoder_config_from_ct2, decoder_state_from_ct2,
+                                encoder_config_from_ct2, encoder_state_from_ct2, float_variable, read_ct2)
+    from .whisper_onnx import decoder_model, encoder_model
+
+    variables = read_ct2(_model_bin(whisper_dir), spec="WhisperSpec")
+    enc_cfg = encoder_config_from_ct2(variables)
+    table_rows = variables["decoder/position_encodings/encodings"].shape[0]
+    dec_cfg = decoder_config_from_ct2(variables, table_rows)
+    dec_state = decoder_state_from_ct2(variables, dec_cfg)
+    enc_path, dec_path = out / "audio_encoder.onnx", out / "text_decoder.onnx"
+    onnx.save(encoder_model(encoder_state_from_ct2(variables, enc_cfg), enc_cfg, dec_state, dec_cfg), enc_path)
+    onnx.save(decoder_model(dec_state, dec_cfg, float_variable(variables, "decoder/embeddings/weight")), dec_path)
+    return enc_path, dec_path, enc_cfg.n_mels
+
+
+def build_whisper_bundle(whisper_dir, llm_gguf, out, adaptor: dict | None = None, lora=None, row_map=None,
+                         transcribe_instruction: str = TRANSCRIBE_INSTRUCTION, provenance: dict | None = None,
+                         probe=None, expect: str | None = None, overwrite: bool = False) -> BuildReport:
+    """Write the bundle into `out` (atomically: a temporary directory beside it, renamed when checked).
+
+    probe: audio (a path or 16 kHz samples) the built bundle must transcribe; expect: a phrase its transcript must
+    hold (case and punctuation aside). Without a probe, a synthetic voiced signal checks that decoding ends."""
+    from ..runtime.llm import LLM
+
+    whisper_dir, llm_gguf, out = Path(whisper_dir), Path(llm_gguf), Path(out)
+    cfg = adaptor_settings(adaptor)
+    if not llm_gguf.is_file():
+        raise FileNotFoundError(f"no GGUF LLM at {llm_gguf}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    report = BuildReport(out)
+    try:
+        log.info("writing Whisper's encoder and decoder graphs (ONNX)")
+        enc_path, dec_path, n_mels = write_graphs(whisper_dir, tmp)
+        tokens_path = tmp / "whisper_tokens.json"
+        tokens_path.write_text(json.dumps(whisper_tokens(whisper_dir), ensure_ascii=False), encoding="utf-8")
+        gguf_path = tmp / "llm.gguf"
+        _link_or_copy(llm_gguf, gguf_path)
+        files = {B.AUDIO_ENCODER: B.file_entry(enc_path) | {"precision": "fp16 weights, fp32 compute"},
+                 B.TEXT_DECODER: B.file_entry(dec_path) | {"precision": "fp16 weights, fp32 compute"},
+                 B.WHISPER_TOKENS: B.file_entry(tokens_path), B.LLM: B.file_entry(gguf_path) | {"type": "base"}}
+        if lora is not None:
+            shutil.copyfile(lora, tmp / "llm.lora.gguf")
+            files[B.LLM_LORA] = B.file_entry(tmp / "llm.lora.gguf")
+        if row_map is not None:
+            shutil.copyfile(row_map, tmp / "row_map.npz")
+            files[B.ROW_MAP] = B.file_entry(tmp / "row_map.npz")
+        llm = LLM(gguf_path, n_ctx=256, n_batch=64)
+        try:
+            prompt, n_embd = llm.prompt_format(), llm.n_embd
+        finally:
+            llm.close()
+        manifest = {"format": B.FORMAT, "version": B.VERSION, "adaptor": cfg,
+                    "geometry": AudioGeometry(n_mels=n_mels, rows="tokens").to_dict(), "prompt": prompt.to_dict(),
+                    "transcribe_instruction": transcribe_instruction, "n_embd": n_embd, "files": files,
+                    "provenance": dict(provenance or {}, whisper=str(whisper_dir), llm=str(llm_gguf))}
+        (tmp / B.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        report.checks = check_bundle(tmp, probe, expect)
+        manifest["checks"] = report.checks
+        (tmp / B.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        B.read_bundle(tmp)
+        report.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def check_bundle(path: Path, probe=None, expect: str | None = None) -> dict:
+    """Load the bundle as the runtime does and transcribe the probe with Whisper's graphs: what it heard, and how
+    many rows the LLM got for it. BuildError when the transcript lacks `expect`."""
+    from ..runtime.chat import LLaSM
+    from ..runtime.scoring import normalize
+
+    samples = load_audio(probe) if probe is not None else _voiced(1.5)
+    model = LLaSM.load(path, n_ctx=512)
+    try:
+        heard = model.encoder.transcriber(samples)
+        rows = model.encoder.rowmap(heard)
+    finally:
+        model.close()
+    if not np.isfinite(rows).all():
+        raise BuildError("the built bundle's rows are not finite")
+    if expect is not None and normalize(expect, "en") not in normalize(heard.text, "en"):
+        raise BuildError(f"the built bundle heard {heard.text!r} in its probe, expected {expect!r}")
+    return {"probe_heard": heard.text, "probe_lang": heard.lang, "probe_rows": int(rows.shape[0])}
+
+
+def _voiced(seconds: float, seed: int = 0) -> np.ndarray:
+    """A voiced test signal: harmonics of a wandering pitch with syllable-like loudness and a little noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    phase = 2 * np.pi * np.cumsum(130 + 25 * np.sin(2 * np.pi * 0.8 * t + rng.uniform(0, 6))) / 16000
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 8)) * (0.55 + 0.45 * np.sin(2 * np.pi * 3.5 * t))
+    return (0.2 * voiced + 0.005 * rng.standard_normal(t.size)).astype(np.float32)
