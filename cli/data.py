@@ -59,7 +59,9 @@ def main(argv=None) -> None:
                         "held-out voices (festival, pico:en-GB, kokoro jf_tebukuro) are refused; default "
                         "en=piper,zh=kokoro:jf_alpha")
     b.add_argument("--sources", default="chatterbot,math,facts",
-                   help="texts to speak (default chatterbot,math,facts); 'answers' adds ASR-only rows speaking the "
+                   help="texts to speak (default chatterbot,math,facts); packaged texts, chosen after those to "
+                        "cover vocabulary (no reference answers: repeat rows unless --responses llm): fortunes, "
+                        "bible, wordnet (en), fortunes-zh, hsk (zh); 'answers' adds ASR-only rows speaking the "
                         "sentences of the cached LLM answers to training questions (needs --responses llm); 'remix' "
                         "adds ASR-only rows of new sentences, the start of one training sentence and the end of "
                         "another (from the questions, and the cached answers if any); 'words' adds ASR-only rows of "

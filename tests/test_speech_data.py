@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 sf = pytest.importorskip("soundfile")
-from llasm.training import speech_data, tts, voices  # noqa: E402
+from llasm.training import sentences, speech_data, tts, voices  # noqa: E402
 from llasm.training.voices import espeak  # noqa: E402
-from llasm.training.speech_data import BuildConfig, build, normalize, split_of  # noqa: E402
+from llasm.training.sentences import normalize, split_of  # noqa: E402
+from llasm.training.speech_data import BuildConfig, build  # noqa: E402
 
 INSTRUCTION = "Transcribe the audio."
 MANIFESTS = {"train": ("asr.jsonl", "conv.jsonl"), "heldout": ("asr.heldout.jsonl", "conv.heldout.jsonl"),
@@ -251,10 +252,10 @@ def test_an_espeak_voice_can_be_named():
 def test_answer_sentences_keep_complete_plain_sentences():
     answer = ("Paris is the capital of France. 12 divided by 3 equals 4. It was founded in 1250 or so. Yes. "
               "Use `print` for this one. Its sights are as follows: 1. The river Seine runs through")
-    got = speech_data.answer_sentences("en", answer, 200)
+    got = sentences.answer_sentences("en", answer, 200)
     # kept: a plain sentence and a sum; dropped: a year, a short one, markup, a list opener, a cut-off fragment
     assert got == ["Paris is the capital of France.", "12 divided by 3 equals 4."]
-    assert speech_data.answer_sentences("zh", "巴黎是法国的首都。是的。塞纳河流经巴黎市中心！它的长度", 200) == \
+    assert sentences.answer_sentences("zh", "巴黎是法国的首都。是的。塞纳河流经巴黎市中心！它的长度", 200) == \
         ["巴黎是法国的首都。", "塞纳河流经巴黎市中心！"]
 
 
@@ -292,7 +293,7 @@ def test_words_source_speaks_training_words_in_random_order(tmp_path):
     for lang in config.langs:
         questions = [s.text for s in speech_data.sentences(lang, every)]
         trained = [q for q in questions if split_of(q, config.heldout_fraction) == "train"]
-        held_out_only = set(speech_data.vocabulary(lang, questions)) - set(speech_data.vocabulary(lang, trained))
+        held_out_only = set(sentences.vocabulary(lang, questions)) - set(sentences.vocabulary(lang, trained))
         assert held_out_only  # else the check below could not fail
         lists = [r["text"] for r in train if r["source"] == "words" and r["lang"] == lang]
         assert len(lists) == len(set(map(normalize, lists))) == 20
@@ -300,7 +301,7 @@ def test_words_source_speaks_training_words_in_random_order(tmp_path):
             words = text.split() if lang == "en" else [text[i: i + 2] for i in range(0, len(text), 2)]
             assert 3 <= len(words) <= 10 and not set(words) & held_out_only, text
             assert all(w.lower() in " ".join(trained).lower() for w in words), text
-    assert speech_data.vocabulary("en", ["What is DNA?", "what is that, Bob?", "Is it 42 or x? Don't!"]) == \
+    assert sentences.vocabulary("en", ["What is DNA?", "what is that, Bob?", "Is it 42 or x? Don't!"]) == \
         ["Bob", "DNA", "Don't", "is", "it", "or", "that", "what"]  # lower case unless only ever capitalised
     again = fake_config(tmp_path, "again", langs=("en", "zh"), limit=None, sources=("facts", "words"), words_count=20)
     build(again, engines={"en": SineVoice(), "zh": SineVoice()}, progress=False)

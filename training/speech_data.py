@@ -1,12 +1,7 @@
 """Offline speech-instruction data: packaged text -> TTS clips -> ASR and conversation manifests (see data.py).
 
-    texts       chatterbot-corpus Q/A (en, zh), templated arithmetic, a few hand-written facts; optionally the
-                sentences of the LLM's answers to training questions, remixes (the start of one training
-                sentence, the end of another), word lists (training words in random order) and sentences the
-                LLM writes around words of a word list that no training text has (vocab), spoken as extra
-                ASR-only rows
-    split       sha1 of the normalized question decides train / held-out (and dev, if asked), so a sentence never
-                lands on two sides
+    sentences   what is spoken and on which side of the split (sentences.py: questions, packaged texts chosen to
+                cover vocabulary, and ASR-only sentences derived from the others)
     clips       one clip per question: clips/<lang>-<id>.wav, 16 kHz mono; the id hashes voice, text and variation,
                 so an existing file is a finished clip and a rerun skips it
     manifests   asr.jsonl + conv.jsonl (train), asr.heldout.jsonl + conv.heldout.jsonl (and .dev.), dataset.json,
@@ -23,8 +18,6 @@ import json
 import logging
 import os
 import random
-import re
-import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,6 +26,9 @@ from typing import Callable
 import numpy as np
 
 from ..runtime.audio import MIN_SAMPLES, SAMPLE_RATE
+from . import texts
+from .sentences import (DEFAULT_SOURCES, SOURCES, DataBuildError, Sentence, answer_texts, read_vocab,
+                        remix_texts, sentences, split_of, stable_int, vocab_texts, word_texts)
 from .tts import Variation, render
 from .voices import Engine, check_training, make_engine, parse
 
@@ -41,8 +37,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 LANGS = ("en", "zh")
 RESPONSES = ("corpus", "llm")
-SOURCES = ("chatterbot", "math", "facts", "answers", "remix", "words", "vocab")
-DEFAULT_SOURCES = ("chatterbot", "math", "facts")
 DEFAULT_VOICES = {"en": "piper", "zh": "kokoro:jf_alpha"}
 KINDS = ("speech", "speech+instruction", "instruction+speech", "text")
 MAX_CLIP_S = 30.0  # one Whisper window
@@ -54,43 +48,9 @@ REPEAT_INSTRUCTIONS = {
     "en": ["Repeat what the speaker said.", "Write down the speaker's words.", "What did the speaker say?"],
     "zh": ["重复说话人说的话。", "写下你听到的内容。", "说话人说了什么？"],
 }
-FACTS = {
-    "en": [
-        ("What is the capital of France?", "Paris."), ("What is the capital of Japan?", "Tokyo."),
-        ("What is the capital of Italy?", "Rome."), ("What is the capital of Canada?", "Ottawa."),
-        ("How many days are in a week?", "Seven."), ("How many hours are in a day?", "Twenty-four."),
-        ("How many legs does a spider have?", "Eight."), ("What color is the sky on a clear day?", "Blue."),
-        ("What is the largest ocean on Earth?", "The Pacific Ocean."), ("What planet do we live on?", "Earth."),
-        ("Which planet is closest to the sun?", "Mercury."), ("What is frozen water called?", "Ice."),
-        ("At what temperature does water boil at sea level?", "One hundred degrees Celsius."),
-        ("How many continents are there?", "Seven."), ("What do bees make?", "Honey."),
-        ("What gas do plants take in from the air?", "Carbon dioxide."), ("How many months are in a year?", "Twelve."),
-        ("What is the opposite of hot?", "Cold."), ("Which animal is known as the king of the jungle?", "The lion."),
-        ("What is the tallest mountain in the world?", "Mount Everest."),
-    ],
-    "zh": [
-        ("中国的首都是哪里？", "北京。"), ("日本的首都是哪里？", "东京。"), ("法国的首都是哪里？", "巴黎。"),
-        ("一个星期有几天？", "七天。"), ("一天有多少个小时？", "二十四个小时。"), ("一年有几个月？", "十二个月。"),
-        ("蜘蛛有几条腿？", "八条。"), ("晴天的天空是什么颜色？", "蓝色。"), ("世界上最大的海洋是什么？", "太平洋。"),
-        ("我们住在哪个星球上？", "地球。"), ("离太阳最近的行星是哪一颗？", "水星。"), ("水结冰以后叫什么？", "冰。"),
-        ("蜜蜂会酿什么？", "蜂蜜。"), ("世界上最高的山是哪座？", "珠穆朗玛峰。"), ("热的反义词是什么？", "冷。"),
-        ("中国最长的河是哪条？", "长江。"), ("一小时有多少分钟？", "六十分钟。"), ("熊猫最喜欢吃什么？", "竹子。"),
-    ],
-}
-MATH_TEMPLATES = {
-    "en": {"+": "What is {a} plus {b}?", "-": "What is {a} minus {b}?", "*": "What is {a} times {b}?",
-           "/": "What is {a} divided by {b}?"},
-    "zh": {"+": "{a}加{b}等于多少？", "-": "{a}减{b}等于多少？", "*": "{a}乘以{b}等于多少？", "/": "{a}除以{b}等于多少？"},
-}
-CORPUS_DIRS = {"en": "english", "zh": "chinese"}
-
 
 QA_SOURCES = ("math", "facts", "chatterbot/trivia", "chatterbot/science", "chatterbot/history")
 QA_MAX_WORDS = 4  # longer reference answers cannot be matched inside a free-form reply
-
-
-class DataBuildError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -125,6 +85,10 @@ class BuildConfig:
         bad = [s for s in self.sources if s not in SOURCES] or ([] if self.sources else ["(none)"])
         if bad:
             raise ValueError(f"sources must be among {SOURCES}, got {bad}")
+        unspoken = [s for s in self.sources if s in texts.SOURCES and texts.SOURCES[s] not in self.langs]
+        if unspoken:
+            raise ValueError(f"text source {unspoken[0]} is {texts.SOURCES[unspoken[0]]!r}, which langs "
+                             f"{self.langs} leaves out")
         if self.responses not in RESPONSES:
             raise ValueError(f"responses must be one of {RESPONSES}, got {self.responses!r}")
         if "answers" in self.sources and self.responses != "llm":
@@ -150,20 +114,6 @@ class BuildConfig:
 
     def split(self, text: str) -> str:
         return split_of(text, self.heldout_fraction, self.dev_fraction)
-
-
-@dataclass(frozen=True)
-class Sentence:
-    """One spoken question with its reference answers."""
-
-    lang: str
-    text: str
-    source: str
-    answers: tuple
-
-    @property
-    def key(self) -> str:
-        return normalize(self.text)
 
 
 @dataclass
@@ -194,242 +144,6 @@ class BuildSummary:
             out.append(f"vocab replies: {self.vocab_computed} computed, {self.vocab_cached} from the cache")
         out.append(f"skipped: {self.n_skipped}" + (f" ({dict(self.skipped)})" if self.skipped else ""))
         return out
-
-
-def normalize(text: str) -> str:
-    """The identity of a sentence: NFKC, case-folded, punctuation dropped, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = "".join(" " if unicodedata.category(c)[0] in "PZS" else c for c in text)
-    return " ".join(text.split())
-
-
-def split_of(text: str, heldout_fraction: float, dev_fraction: float = 0.0) -> str:
-    """'heldout' below heldout_fraction of the sentence's hash range, 'dev' in the next dev_fraction, else 'train':
-    asking for a dev split takes it from the training sentences and leaves the held-out ones as they were."""
-    digest = hashlib.sha1(normalize(text).encode("utf-8")).digest()
-    u = int.from_bytes(digest[:8], "big") / 2.0**64
-    return "heldout" if u < heldout_fraction else "dev" if u < heldout_fraction + dev_fraction else "train"
-
-
-def _stable_int(*parts) -> int:
-    return int.from_bytes(hashlib.sha1("\x1f".join(map(str, parts)).encode("utf-8")).digest()[:8], "big")
-
-
-# ---- texts -------------------------------------------------------------------------------------------------------
-
-def corpus_pairs(lang: str) -> list[tuple[str, str, str]]:
-    """(question, answer, source) from chatterbot-corpus: each statement of a conversation answers the previous one."""
-    try:
-        import chatterbot_corpus
-        import yaml
-    except ImportError as e:
-        raise DataBuildError(f"texts need chatterbot-corpus and pyyaml: pip install chatterbot-corpus pyyaml ({e})"
-                             ) from None
-    root = Path(chatterbot_corpus.__file__).parent / "data" / CORPUS_DIRS[lang]
-    pairs = []
-    for path in sorted(root.glob("*.yml")):
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        for conv in doc.get("conversations") or []:
-            conv = [" ".join(str(s).split()) for s in conv]
-            pairs += [(q, a, f"chatterbot/{path.stem}") for q, a in zip(conv, conv[1:]) if q and a]
-    if not pairs:
-        raise DataBuildError(f"no conversations found under {root}")
-    return pairs
-
-
-def math_pairs(lang: str, count: int, seed: int) -> list[tuple[str, str, str]]:
-    """Templated arithmetic with small whole numbers: ('What is 17 plus 25?', '42')."""
-    rng = random.Random(_stable_int("math", lang, seed))
-    out = []
-    for _ in range(count):
-        op = rng.choice("+-*/")
-        if op in "+-":
-            a, b = rng.randint(0, 100), rng.randint(0, 100)
-            a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
-            result = a + b if op == "+" else a - b
-        else:
-            b, result = rng.randint(2, 12), rng.randint(1, 12)
-            a = b * result
-            a, b, result = (b, result, a) if op == "*" else (a, b, result)
-        out.append((MATH_TEMPLATES[lang][op].format(a=a, b=b), str(result), "math"))
-    return out
-
-
-def sentences(lang: str, config: BuildConfig) -> list[Sentence]:
-    """The language's spoken questions in a seeded order, unique by normalized text, at most config.limit."""
-    pairs = corpus_pairs(lang) if "chatterbot" in config.sources else []
-    pairs += math_pairs(lang, config.math_count, config.seed) if "math" in config.sources else []
-    pairs += [(q, a, "facts") for q, a in FACTS[lang]] if "facts" in config.sources else []
-    by_key: dict[str, list] = {}
-    for q, a, source in pairs:
-        key = normalize(q)
-        if key and len(q) <= config.max_chars and re.search(r"\w", key):
-            by_key.setdefault(key, [q, source, []])[2].append(a)
-    keys = _seeded_order(by_key, "order", lang, config)
-    return [Sentence(lang, by_key[k][0], by_key[k][1], tuple(dict.fromkeys(by_key[k][2]))) for k in keys]
-
-
-def _seeded_order(keys, tag: str, lang: str, config: BuildConfig) -> list:
-    """Sorted, then shuffled by (tag, lang, seed), then cut at config.limit: the same list on every machine."""
-    keys = sorted(keys)
-    random.Random(_stable_int(tag, lang, config.seed)).shuffle(keys)
-    return keys[: config.limit] if config.limit else keys
-
-
-ANSWER_SENTENCE = {"en": re.compile(r"[^.!?]*\w[^.!?]*[.!?]+"), "zh": re.compile(r"[^。！？!?]*\w[^。！？!?]*[。！？!?]+")}
-ANSWER_MIN_WORDS = {"en": 4, "zh": 6}  # words (en) or characters (zh); shorter sentences say little
-
-
-def answer_sentences(lang: str, answer: str, max_chars: int) -> list[str]:
-    """The complete sentences of one answer: a fragment without end punctuation (cut off by the token cap) is
-    dropped, and so are sentences shorter than ANSWER_MIN_WORDS, longer than max_chars, opening a numbered list
-    ("... as follows: 1."), or holding a number of four digits or more (a voice reads years and counts in
-    different ways) or markup."""
-    out = []
-    for m in ANSWER_SENTENCE[lang].finditer(" ".join(answer.split())):
-        text = m.group(0).strip()
-        size = len(text.split()) if lang == "en" else len(re.sub(r"\W", "", text))
-        listed = re.search(r"[:：]\s*\d+[.)]$", text)  # "...including: 1." opens a numbered list and says little
-        if ANSWER_MIN_WORDS[lang] <= size and len(text) <= max_chars and not listed \
-                and not re.search(r"\d{4,}|[`*#_<>{}\[\]|\\]", text):
-            out.append(text)
-    return out
-
-
-def answer_texts(lang: str, known: dict, config: BuildConfig, spoken: set) -> list[Sentence]:
-    """ASR-only sentences from the cached answers to training questions, in a seeded order: none is a held-out
-    sentence by the split rule, none repeats a sentence spoken as a question (`spoken`: normalized keys)."""
-    by_key = {}
-    for (row_lang, question), answer in known.items():
-        if row_lang != lang or config.split(question) != "train":
-            continue
-        for text in answer_sentences(lang, answer, config.max_chars):
-            key = normalize(text)
-            if key not in spoken and config.split(text) == "train":
-                by_key.setdefault(key, text)
-    return [Sentence(lang, by_key[k], "answers", ()) for k in _seeded_order(by_key, "answers", lang, config)]
-
-
-REMIX_WORDS = {"en": (4, 20), "zh": (6, 30)}  # words (en) or characters (zh) of a remixed sentence
-JOINER = {"en": " ", "zh": ""}
-
-
-def _units(lang: str, text: str) -> list[str]:
-    return text.split() if lang == "en" else list(text)
-
-
-def remix_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set) -> list[Sentence]:
-    """config.remix_count new ASR-only sentences, each the start of one training sentence followed by the end of
-    another ("What is the capital of" + "bees make?"): a model that has learnt its training sentences by heart
-    cannot finish these from their first words, it has to keep listening. `pool`: training sentences only, so no
-    part of a held-out sentence is spoken; a remix that the split rule would hold out, one already spoken
-    (`spoken`: normalized keys) and one that is a sentence of the pool are left out."""
-    lo, hi = REMIX_WORDS[lang]
-    spoken = spoken | {normalize(t) for t in pool}
-    pool = sorted({t for t in pool if len(_units(lang, t)) >= 3 and config.split(t) == "train"})
-    if len(pool) < 2:
-        return []
-    rng = random.Random(_stable_int("remix", lang, config.seed))
-
-    def remix() -> str:
-        a, b = (_units(lang, t) for t in rng.sample(pool, 2))
-        return JOINER[lang].join(a[: rng.randint(2, len(a) - 1)] + b[rng.randint(1, len(b) - 2):])
-
-    return _new_texts(lang, "remix", config.remix_count, remix, config, spoken,
-                      lambda text: lo <= len(_units(lang, text)) <= hi)
-
-
-def _new_texts(lang: str, source: str, count: int, make: Callable[[], str], config: BuildConfig, spoken: set,
-               ok: Callable[[str], bool] = lambda text: True) -> list[Sentence]:
-    """Up to `count` distinct ASR-only sentences drawn from make() (at most 50 draws each). A text that fails ok(),
-    is too long, is already spoken (`spoken`: normalized keys) or would be held out by the split rule is left out."""
-    out: dict[str, str] = {}
-    for _ in range(50 * count):
-        if len(out) == count:
-            break
-        text = make()
-        key = normalize(text)
-        if ok(text) and len(text) <= config.max_chars and key not in spoken and key not in out \
-                and config.split(text) == "train":
-            out[key] = text
-    return [Sentence(lang, text, source, ()) for text in out.values()]
-
-
-WORDS_LEN = {"en": (3, 10), "zh": (3, 8)}  # words (en) or two-character pieces (zh) of a word list
-
-
-def vocabulary(lang: str, pool: list[str]) -> list[str]:
-    """The words of `pool`, sorted: English words without their punctuation (lower case unless the pool only has
-    them capitalised: names), or Mandarin two-character pieces of runs of Han characters."""
-    if lang == "zh":
-        runs = [r for t in pool for r in re.findall(r"[\u4e00-\u9fff]+", t)]
-        return sorted({r[i: i + 2] for r in runs for i in range(len(r) - 1)})
-    words = {w.strip(".,;:!?\"'()“”‘’") for t in pool for w in t.split()}
-    words = {w for w in words if re.fullmatch(r"[A-Za-z]+(?:['’-][A-Za-z]+)*", w) and (len(w) > 1 or w in ("a", "I"))}
-    return sorted({w if w.lower() not in words or w == "I" else w.lower() for w in words})
-
-
-def word_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set) -> list[Sentence]:
-    """config.words_count ASR-only word lists: words of the training sentences in random order ("ocean bees
-    why carrots"). Nothing in them can be guessed from context, so a model learns from them to hear each word.
-    `pool`: training sentences only; a list that the split rule would hold out, or one already spoken, is left out."""
-    lo, hi = WORDS_LEN[lang]
-    vocab = vocabulary(lang, [t for t in pool if config.split(t) == "train"])
-    if not vocab:
-        return []
-    rng = random.Random(_stable_int("words", lang, config.seed))
-    return _new_texts(lang, "words", config.words_count,
-                      lambda: JOINER[lang].join(rng.choice(vocab) for _ in range(rng.randint(lo, hi))), config, spoken)
-
-
-def read_vocab(path: Path) -> list[str]:
-    """The words of a word list (UTF-8, one word per line), in its order, each once."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataBuildError(f"cannot read the vocab file {path}: {e}") from None
-    words = list(dict.fromkeys(w.strip() for w in text.splitlines() if w.strip()))
-    if not words:
-        raise DataBuildError(f"the vocab file {path} has no words")
-    return words
-
-
-VOCAB_PROMPTS = {  # two sentences per word, so a word can be heard in training and tested in another sentence
-    "en": ('Write one short, simple English sentence that uses the word "{word}". Reply with the sentence only.',
-           'Write a short English sentence about everyday life with the word "{word}" in it. Reply with the sentence '
-           'only.'),
-    "zh": ("用“{word}”造一个简单的短句。只回答这个句子。", "用“{word}”写一个关于日常生活的短句。只回答这个句子。"),
-}
-
-
-def _has_word(lang: str, text: str, word: str) -> bool:
-    if lang == "zh":
-        return word in text
-    return re.search(rf"(?<![A-Za-z]){re.escape(word)}(?![A-Za-z])", text, re.IGNORECASE) is not None
-
-
-def vocab_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set, write: Callable[[str, str], str]
-                ) -> list[Sentence]:
-    """ASR-only sentences around new words: the first config.vocab_count words of the config.vocab list that no
-    training text has (`pool`: training sentences), each given to the LLM (`write(lang, prompt)`, cached) with the
-    VOCAB_PROMPTS. The first complete sentence of a reply that holds its word and no quotation mark is kept, unless
-    already spoken (`spoken`: normalized keys). The split rule decides each sentence's side, so some are held out:
-    a test of words heard only in other sentences."""
-    known = {w.lower() for w in vocabulary(lang, pool)}
-    new = [w for w in read_vocab(config.vocab) if w.lower() not in known][: config.vocab_count]
-    out: dict[str, Sentence] = {}
-    for word in new:
-        for prompt in VOCAB_PROMPTS[lang]:
-            try:
-                reply = write(lang, prompt.format(word=word))
-            except Exception as e:  # the callback is user code (an LLM); a failure drops this sentence only
-                log.warning("no sentence for %r: %s", word, e)
-                continue
-            text = next((t for t in answer_sentences(lang, reply, config.max_chars)
-                         if _has_word(lang, t, word) and not re.search("[\"“”]", t)), None)  # quotes: the prompt echoed
-            if text and normalize(text) not in spoken and normalize(text) not in out:
-                out[normalize(text)] = Sentence(lang, text, "vocab", ())
-    return list(out.values())
 
 
 # ---- answers -----------------------------------------------------------------------------------------------------
@@ -512,7 +226,7 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
     def speak(s: Sentence) -> tuple[str, dict] | None:
         """The sentence's clip (spoken now, or found from an earlier run) and its manifest metadata; None if the
         voice failed or the clip is out of bounds (counted in the summary)."""
-        rng = np.random.default_rng([config.seed, _stable_int("clip", s.lang, s.key)])
+        rng = np.random.default_rng([config.seed, stable_int("clip", s.lang, s.key)])
         voice = engines[s.lang].name
         variation = Variation.sample(rng, config.noise)
         clip_id = hashlib.sha1(json.dumps([voice, s.text, variation.to_dict()]).encode("utf-8")).hexdigest()[:16]
@@ -537,14 +251,17 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
         return clip, {"voice": voice, "variation": variation.to_dict(), "seconds": round(seconds, 3)}
 
     for j, s in tqdm(plan, desc="speech data", unit="clip", disable=not progress):
-        pick = random.Random(_stable_int("pick", s.lang, s.key, config.seed))
+        pick = random.Random(stable_int("pick", s.lang, s.key, config.seed))
         spoken = speak(s)
         if spoken is None:
             continue
         clip, audio_meta = spoken
         kind = KINDS[j % len(KINDS)]  # j counts this language's sentences: kinds stay put when limit grows
+        if not s.answers and not answers:  # a packaged text has no reference answer: the repeat task needs none
+            kind = "instruction+speech"
         try:
-            reply = answers(s.lang, s.text) if answers and kind != "instruction+speech" else pick.choice(s.answers)
+            reply = answers(s.lang, s.text) if answers and kind != "instruction+speech" else \
+                pick.choice(s.answers) if s.answers else s.text
         except Exception as e:  # the callback is user code (an LLM); a failure drops this sentence only
             summary.skipped["answer failed"] += 1
             log.warning("no answer for %r: %s", s.text, e)
