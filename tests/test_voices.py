@@ -76,15 +76,21 @@ def test_held_out_voices_are_one_rule_and_training_refuses_them(tmp_path):
     from llasm.training.speech_data import BuildConfig
 
     with pytest.raises(ValueError, match="festival:kal is held out"):
-        BuildConfig(out=tmp_path, langs=("en",), engines=(("en", "festival"),))
-    BuildConfig(out=tmp_path, langs=("en",), engines=(("en", "kokoro:jf_alpha+jm_kumo@0.3"),))
+        BuildConfig(out=tmp_path, langs=("en",), voices=(("en", "festival"),))
+    config = BuildConfig(out=tmp_path, langs=("en",), voices=(("en", "kokoro:jf_alpha+jm_kumo@0.3"),),
+                         heldout_voices=(("en", "festival"), ("en", "rhvoice:clb")))  # evaluation may use them
+    assert config.training_voices("en") == ("kokoro:jf_alpha+jm_kumo@0.3",)
+    assert BuildConfig(out=tmp_path, heldout_voices=(("en", "rhvoice:clb"),)).training_voices("en") == tuple(
+        v for v in catalog.TRAINING["en"] if v != "rhvoice:clb")  # a training voice set aside leaves the list
+    with pytest.raises(ValueError, match="both a training voice and held out"):
+        BuildConfig(out=tmp_path, voices=(("en", "flite:awb"),), heldout_voices=(("en", "flite:awb"),))
 
 
 def test_cli_refuses_a_held_out_voice_in_one_line(tmp_path, capsys):
     from llasm.cli.data import main
 
     with pytest.raises(SystemExit) as e:
-        main(["build", str(tmp_path / "d"), "--langs", "zh", "--engines", "zh=kokoro:jf_tebukuro"])
+        main(["build", str(tmp_path / "d"), "--langs", "zh", "--voices", "zh=kokoro:jf_tebukuro"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and err.startswith("llasm-data: error: voice kokoro:jf_tebukuro is held out") \
         and "\n" not in err

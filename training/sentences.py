@@ -17,7 +17,7 @@ import logging
 import random
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -341,3 +341,22 @@ def vocab_texts(lang: str, pool: list[str], config: BuildConfig, spoken: set, wr
     return list(out.values())
 
 
+
+
+def derived(config: BuildConfig, spoken: set, known: dict | None, write: Callable[[str, str], str] | None
+            ) -> list[Sentence]:
+    """The ASR-only sentences of config.sources: the cached answers' (`known`: (lang, question) -> answer),
+    remixes, word lists and vocab sentences (`write`: the LLM, cached). `spoken`: normalized keys of the questions.
+    Their pool: every training question, and the cached answers."""
+    extra = []
+    if "answers" in config.sources:
+        extra += [s for lang in config.langs for s in answer_texts(lang, known, config, spoken)]
+    makers = [make for name, make in (("remix", remix_texts), ("words", word_texts)) if name in config.sources]
+    if "vocab" in config.sources:
+        makers.append(lambda lang, pool, config, spoken: vocab_texts(lang, pool, config, spoken, write))
+    for lang in config.langs if makers else ():
+        pool = [s.text for s in sentences(lang, replace(config, sources=DEFAULT_SOURCES, limit=None))]
+        pool += [s.text for s in answer_texts(lang, known, config, spoken)] if known is not None else []
+        for make in makers:
+            extra += make(lang, pool, config, spoken | {s.key for s in extra})
+    return extra

@@ -129,3 +129,14 @@ def check_training(voice: Voice) -> Voice:
 
 def _rules(table: dict) -> str:
     return "; ".join(f"{e}:*" if v == "*" else ", ".join(f"{e}:{x}" for x in v) for e, v in table.items())
+
+
+def table() -> list[str]:
+    """One line per listed voice: language, name, training or held out, licence, what it needs."""
+    lines = []
+    for lang in ("en", "zh"):
+        for name in TRAINING[lang] + EVALUATION[lang]:
+            engine = name.partition(":")[0]
+            role = "held out (evaluation only)" if held_out(parse(name, lang)) else "training"
+            lines.append(f"{lang}  {name:36s} {role:27s} {LICENCES[engine]}; needs: {HINTS[engine]}")
+    return lines
