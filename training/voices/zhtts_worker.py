@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-# Run by path, this file's directory (llasm/training) would come first on sys.path and shadow top-level modules.
+# Run by path, this file's directory (llasm/training/voices) would come first on sys.path and shadow top-level modules.
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
 
