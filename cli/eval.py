@@ -21,14 +21,16 @@ def main(argv=None) -> None:
     p.add_argument("--qa", metavar="MANIFEST",
                    help='JSONL of {"audio", "question", "answers": [...], "lang"?, "instruction"?, "content"?, '
                         '"instruction_audio"?, "content_audio"?}: accuracy per mode')
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated QA modes (default: {','.join(MODES)})")
+    p.add_argument("--modes", default=None,
+                   help=f"comma-separated QA modes (default: {','.join(MODES)}, and cascade with --reference-whisper)")
     p.add_argument("--out", metavar="JSONL", help="per-item results: one row per item and mode")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N rows of each manifest")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--reference-whisper", metavar="DIR",
-                   help="also score Whisper alone (faster-whisper on this CTranslate2 model) on the --asr clips")
+                   help="also score Whisper alone (faster-whisper on this CTranslate2 model, greedy) on the --asr "
+                        "clips, and the cascade on the --qa rows: its transcript typed to the same bundle")
     p.add_argument("--n-gpu-layers", type=int, default=0)
     p.add_argument("--listen", action="store_true",
                    help="give the LLM each clip's rows as push-to-talk does (encoded in passes while spoken, "
@@ -45,11 +47,18 @@ def main(argv=None) -> None:
         from ..runtime.chat import LLaSM
         from ..runtime.evaluate import check_modes, evaluate, read_asr_manifest, read_qa_manifest
 
-        modes = check_modes(m.strip() for m in args.modes.split(",") if m.strip())
+        cascade = bool(args.reference_whisper and args.qa)
+        default = ",".join(MODES + (("cascade",) if cascade else ()))
+        modes = check_modes((m.strip() for m in (args.modes or default).split(",") if m.strip()), cascade=cascade)
         asr = read_asr_manifest(args.asr, args.limit) if args.asr else None  # bad manifests fail before loading
         qa = read_qa_manifest(args.qa, args.limit) if args.qa else None
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        reference = None
+        if args.reference_whisper:
+            from ..runtime.evaluate import WhisperReference
+
+            reference = WhisperReference(args.reference_whisper, threads=args.threads)
         model = LLaSM.load(args.bundle, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
         if args.listen:
             from ..runtime.listen import ListenedEncoder
@@ -62,21 +71,20 @@ def main(argv=None) -> None:
 
             try:
                 result = evaluate(model, asr, qa, modes=modes, max_tokens=args.max_tokens, progress=not args.quiet,
-                                  on_item=write, bundle=str(model.bundle.path))
+                                  on_item=write, bundle=str(model.bundle.path), reference=reference)
             finally:
                 model.close()
-        reference = None
-        if args.reference_whisper and asr:
-            from ..runtime.evaluate import WhisperReference, evaluate_asr
+        alone = None
+        if reference is not None and asr:
+            from ..runtime.evaluate import evaluate_asr
 
-            reference = evaluate_asr(WhisperReference(args.reference_whisper, threads=args.threads), asr,
-                                     progress=not args.quiet)
+            alone = evaluate_asr(reference, asr, progress=not args.quiet)
     summary = result.summary()
     if args.listen:
         summary["listen"] = True
-    if reference is not None:
-        summary["reference_whisper_asr"] = reference.summary()
-    lines = result.lines() + (["", "Whisper alone (reference):"] + reference.lines() if reference is not None else [])
+    if alone is not None:
+        summary["reference_whisper_asr"] = alone.summary()
+    lines = result.lines() + (["", "Whisper alone (reference):"] + alone.lines() if alone is not None else [])
     print(json.dumps(summary, ensure_ascii=False) if args.json else "\n".join(lines))
 
 

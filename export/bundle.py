@@ -72,9 +72,10 @@ def _check_llm_parity(model, tokenizer, gguf: Path, onnx_rows: np.ndarray, gguf_
 
 
 def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str = "auto",
-                  overwrite: bool = False, release: str | None = None) -> ExportReport:
-    """release: the name of the shipped release checkpoint this bundle is built from, recorded in its provenance
-    (the default bundle is rebuilt when the release it came from changes)."""
+                  overwrite: bool = False, release: str | None = None,
+                  release_digest: str | None = None) -> ExportReport:
+    """release, release_digest: the name and digest of the shipped release checkpoint this bundle is built from,
+    recorded in its provenance (the default bundle is rebuilt when the release it came from changes)."""
     from ..training.base import _local_path
     from ..training.checkpoint import load_checkpoint
     from .gguf import write_gguf
@@ -155,7 +156,8 @@ def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str 
             "provenance": {"base": ckpt["base"], "llm_arch": model.cfg.llm_arch, "llm_mode": llm_mode,
                            "checkpoint": str(Path(checkpoint).resolve()),
                            "train_digest": ckpt.get("train", {}).get("digest"),
-                           "train_step": ckpt.get("train", {}).get("step"), "release": release},
+                           "train_step": ckpt.get("train", {}).get("step"), "release": release,
+                           "release_digest": release_digest},
             "checks": report.checks,
         }
         (tmp / B.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")

@@ -20,13 +20,26 @@ import numpy as np
 
 from ..runtime import bundle as B
 from ..runtime.audio import AudioGeometry, load_audio
-from ..runtime.prompt import TRANSCRIBE_INSTRUCTION
 
 log = logging.getLogger(__name__)
 
 ROWS = ("soft", "hard")
 DEFAULT_ADAPTOR = {"kind": "whisper-decoder", "rows": "soft", "languages": ["en", "zh"], "pad_seconds": 0.5,
                    "begin": "", "end": ""}
+
+
+# The LLM was never taught to transcribe: asked to, a small one answers the question it reads instead. A system text
+# and a few typed examples make it copy (BENCHMARKS.md: LLM vs Whisper's own words).
+TRANSCRIBE_PROMPT = {
+    "transcribe_instruction": "Repeat this text exactly:",
+    "transcribe_system": "You repeat text exactly as it is given, word for word. You never answer it.",
+    "transcribe_examples": [
+        ["Repeat this text exactly:\nWhat is the capital of Spain?", "What is the capital of Spain?"],
+        ["Repeat this text exactly:\nTell me a joke about cats.", "Tell me a joke about cats."],
+        ["Repeat this text exactly:\n今天天气怎么样？", "今天天气怎么样？"],
+        ["Repeat this text exactly:\nI don't know why you said that.", "I don't know why you said that."],
+    ],
+}
 
 
 class BuildError(RuntimeError):
@@ -98,12 +111,13 @@ def write_graphs(whisper_dir: Path, out: Path) -> tuple[Path, Path, int]:
 
 
 def build_whisper_bundle(whisper_dir, llm_gguf, out, adaptor: dict | None = None, lora=None, row_map=None,
-                         transcribe_instruction: str = TRANSCRIBE_INSTRUCTION, provenance: dict | None = None,
-                         probe=None, expect: str | None = None, overwrite: bool = False) -> BuildReport:
+                         transcribe: dict | None = None, provenance: dict | None = None, probe=None,
+                         expect: str | None = None, overwrite: bool = False) -> BuildReport:
     """Write the bundle into `out` (atomically: a temporary directory beside it, renamed when checked).
 
     probe: audio (a path or 16 kHz samples) the built bundle must transcribe; expect: a phrase its transcript must
-    hold (case and punctuation aside). Without a probe, a synthetic voiced signal checks that decoding ends."""
+    hold (case and punctuation aside). Without a probe, a synthetic voiced signal checks that decoding ends.
+    transcribe: the transcription prompt's manifest keys (default TRANSCRIBE_PROMPT)."""
     from ..runtime.llm import LLM
 
     whisper_dir, llm_gguf, out = Path(whisper_dir), Path(llm_gguf), Path(out)
@@ -139,7 +153,7 @@ def build_whisper_bundle(whisper_dir, llm_gguf, out, adaptor: dict | None = None
             llm.close()
         manifest = {"format": B.FORMAT, "version": B.VERSION, "adaptor": cfg,
                     "geometry": AudioGeometry(n_mels=n_mels, rows="tokens").to_dict(), "prompt": prompt.to_dict(),
-                    "transcribe_instruction": transcribe_instruction, "n_embd": n_embd, "files": files,
+                    **(TRANSCRIBE_PROMPT if transcribe is None else transcribe), "n_embd": n_embd, "files": files,
                     "provenance": dict(provenance or {}, whisper=str(whisper_dir), llm=str(llm_gguf))}
         (tmp / B.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         report.checks = check_bundle(tmp, probe, expect)

@@ -129,8 +129,9 @@ def _llasm_path(cfg: BenchConfig, clips: list[np.ndarray]) -> dict:
     chat = model.chat()
 
     def ask(x):
-        r = chat.send(audio=x, max_tokens=1).timings
-        return r["first_token"], r["features"] + r["encode"], r["prefill"], model.bundle.geometry.n_embeddings(x.size)
+        reply = chat.send(audio=x, max_tokens=1)
+        r = reply.timings
+        return r["first_token"], r["features"] + r["encode"], r["prefill"], reply.audio_rows
 
     res = _sweep(cfg, clips, chat, ask)
     res.load_s = load_s

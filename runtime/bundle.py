@@ -63,6 +63,8 @@ class Bundle:
     prompt: PromptFormat
     n_embd: int
     transcribe_instruction: str
+    transcribe_system: str | None = None  # the transcription prompt's system text (None: the default one)
+    transcribe_examples: tuple = ()  # (user, assistant) exchanges the transcription prompt starts from
 
     @property
     def adaptor(self) -> dict:
@@ -127,5 +129,10 @@ def read_bundle(path, verify: bool = True) -> Bundle:
                 raise BundleError(f"bundle file {f.name} has {size} bytes, manifest says {entry['size']}")
             if sha256(f) != entry["sha256"]:
                 raise BundleError(f"bundle file {f.name} does not match its sha256 in the manifest (corrupt or tampered)")
+    try:
+        examples = tuple((str(u), str(a)) for u, a in manifest.get("transcribe_examples", ()))
+    except (TypeError, ValueError):
+        raise BundleError(f"{mf}: transcribe_examples must be a list of [user, assistant] pairs") from None
     return Bundle(path, manifest, geometry, prompt, n_embd,
-                  manifest.get("transcribe_instruction", TRANSCRIBE_INSTRUCTION))
+                  manifest.get("transcribe_instruction", TRANSCRIBE_INSTRUCTION), manifest.get("transcribe_system"),
+                  examples)

@@ -53,6 +53,7 @@ class Reply:
     looped: bool = False  # stopped at a decoding loop: text and history keep one copy of the repeated block
     heard: str | None = None  # what Whisper heard in the turn's audio (whisper-decoder bundles), for display only:
     #                           the LLM reads the audio's rows, never this text
+    audio_rows: int = 0  # LLM positions the turn's audio took
 
 
 TRANSCRIPT_TOKENS_PER_S = 10  # read speech in the training data: 3.2 (en) and 2.5 (zh) Qwen tokens/s, at most 6.4
@@ -109,9 +110,10 @@ class LLaSM:
         stops at TRANSCRIPT_TOKENS_PER_S per second of audio (+16): longer is a decoding loop, not speech."""
         samples = load_audio(audio, sample_rate)
         cap = int(TRANSCRIPT_TOKENS_PER_S * samples.size / SAMPLE_RATE) + 16
-        chat = Chat(self, system=None)
+        b = self.bundle  # a bundle may give examples to follow (an LLM that was never taught to transcribe)
+        chat = Chat(self, system=b.transcribe_system, history=b.transcribe_examples)
         return chat.send(audio=samples, max_tokens=cap if max_tokens is None else min(max_tokens, cap),
-                         _turns=transcribe_turns(None, self.bundle.transcribe_instruction)).text.strip()
+                         _turns=transcribe_turns(None, b.transcribe_instruction)).text.strip()
 
     def close(self) -> None:
         self.llm.close()
@@ -201,6 +203,7 @@ class Chat:
                 t_feat += b - a
                 t_enc += time.perf_counter() - b
         reply.heard = " ".join(heard) if heard else None
+        reply.audio_rows = sum(len(r) for r in rows)
         yield from self._generate(turn, rows, reply, t0, t_feat, t_enc, max_tokens, temperature, seed)
 
     def _feed(self, turn: Turn, rows: list, start: bool) -> list:

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("speech", "text", "instruction_text+content_audio", "instruction_audio+content_text", "pure_audio")
 LLASO_MODES = MODES[2:]
+CASCADE = "cascade"  # with a reference Whisper: its transcript of "audio", typed to the same bundle
 UNITS = {"en": "word", "zh": "char"}
 
 
@@ -80,6 +81,8 @@ class QaRow:
             return self.audio, None
         if mode == "text":
             return None, self.question
+        if mode == CASCADE:
+            return self.audio, None  # evaluate_qa transcribes the audio and sends the text
         if mode not in MODES:
             raise ValueError(f"QA mode must be one of {MODES}, got {mode!r}")
         if self.instruction is None:
@@ -253,13 +256,14 @@ class QaItem:
     error: str | None = None
     timings: dict = field(default_factory=dict)  # ms
     tokens: int = 0
+    heard: str | None = None  # what Whisper heard: the cascade's transcript, or the whisper-decoder's
 
     def to_dict(self) -> dict:
         audio, text = self.row.query(self.mode)
         return {"task": "qa", "mode": self.mode, "where": self.row.where, "id": self.row.id,
                 "audio": None if audio is None else str(audio), "text": text, "lang": self.row.lang,
                 "answers": list(self.row.answers), "reply": self.reply, "correct": self.correct,
-                "error": self.error, "timings": _ms(self.timings), "tokens": self.tokens}
+                "error": self.error, "timings": _ms(self.timings), "tokens": self.tokens, "heard": self.heard}
 
 
 @dataclass(frozen=True)
@@ -357,11 +361,14 @@ def _failure(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def check_modes(modes: Iterable[str]) -> tuple:
+def check_modes(modes: Iterable[str], cascade: bool = False) -> tuple:
+    """cascade: the mode "cascade" is allowed too (a reference Whisper is there to transcribe)."""
     modes = tuple(modes)
-    bad = [m for m in modes if m not in MODES]
+    known = MODES + ((CASCADE,) if cascade else ())
+    bad = [m for m in modes if m not in known]
     if bad or not modes:
-        raise ValueError(f"QA modes must be among {', '.join(MODES)}; got {', '.join(bad) or 'none'}")
+        raise ValueError(f"QA modes must be among {', '.join(known)}; got {', '.join(bad) or 'none'}"
+                         + ("" if cascade or CASCADE not in bad else " (cascade needs --reference-whisper)"))
     return modes
 
 
@@ -405,9 +412,11 @@ class WhisperReference:
 
 
 def evaluate_qa(model, rows: Sequence[QaRow], modes: Sequence[str] = MODES, max_tokens: int = 256,
-                progress: bool = False, on_item: Callable[[QaItem], None] | None = None) -> QaResult:
-    """Ask every row in every mode it supports, each in a fresh conversation, greedy; score the replies."""
-    modes = check_modes(modes)
+                progress: bool = False, on_item: Callable[[QaItem], None] | None = None,
+                reference: "WhisperReference | None" = None) -> QaResult:
+    """Ask every row in every mode it supports, each in a fresh conversation, greedy; score the replies.
+    reference: a Whisper for the cascade mode (its transcript of the spoken question, typed)."""
+    modes = check_modes(modes, cascade=reference is not None)
     items = []
     for row in _progress(rows, "qa", progress):
         seen: dict = {}  # (audio, text) -> item fields: identical inputs decode identically
@@ -415,16 +424,21 @@ def evaluate_qa(model, rows: Sequence[QaRow], modes: Sequence[str] = MODES, max_
             query = row.query(mode)
             if query is None:
                 continue
+            if mode == CASCADE:
+                query = (CASCADE, row.audio)
             if query not in seen:
                 audio, text = query
                 try:
+                    if mode == CASCADE:
+                        audio, text = None, reference.transcribe(str(row.audio)) or "."
                     reply = model.chat().send(audio=None if audio is None else str(audio), text=text,
                                               max_tokens=max_tokens, temperature=0.0)
                 except (AudioError, LLMError) as e:
                     seen[query] = {"error": _failure(e)}
                 else:
                     seen[query] = {"reply": reply.text, "correct": answer_correct(reply.text, row.answers, row.lang),
-                                   "timings": dict(reply.timings), "tokens": reply.tokens}
+                                   "timings": dict(reply.timings), "tokens": reply.tokens,
+                                   "heard": text if mode == CASCADE else reply.heard}
             item = QaItem(row, mode, **seen[query])
             items.append(item)
             if on_item:
@@ -434,9 +448,10 @@ def evaluate_qa(model, rows: Sequence[QaRow], modes: Sequence[str] = MODES, max_
 
 def evaluate(model, asr: Sequence[AsrRow] | None = None, qa: Sequence[QaRow] | None = None,
              modes: Sequence[str] = MODES, max_tokens: int = 256, progress: bool = False,
-             on_item: Callable[[AsrItem | QaItem], None] | None = None, bundle: str = "") -> Evaluation:
+             on_item: Callable[[AsrItem | QaItem], None] | None = None, bundle: str = "",
+             reference: "WhisperReference | None" = None) -> Evaluation:
     """Both tasks on one loaded model; on_item sees every item as it is scored (e.g. to write JSONL)."""
     return Evaluation(
         asr=None if asr is None else evaluate_asr(model, asr, max_tokens, progress, on_item),
-        qa=None if qa is None else evaluate_qa(model, qa, modes, max_tokens, progress, on_item),
+        qa=None if qa is None else evaluate_qa(model, qa, modes, max_tokens, progress, on_item, reference),
         bundle=bundle)

@@ -66,7 +66,7 @@ class RowMap:
         text = full.strip()
         spans, at = {}, -lead
         for i, p in enumerate(pieces):
-            spans[(at, at + len(p))] = i
+            spans[(max(at, 0), at + len(p))] = i  # the first word's leading blank is trimmed
             at += len(p)
         return text, self.llm.tokenize(text, special=False) if text else [], spans
 

@@ -254,6 +254,28 @@ def test_evaluate_qa_modes_accuracy_and_fresh_chats(tmp_path):
         evaluate_qa(model, rows, modes=["speech", "video"])
 
 
+def test_cascade_mode_types_the_reference_transcript(tmp_path):
+    class Reference:  # a Whisper that hears "capital of France"
+        def __init__(self):
+            self.heard = []
+
+        def transcribe(self, audio, max_tokens=256):
+            self.heard.append(audio)
+            return "capital of France" if "q" in audio else ""
+
+    rows = [QaRow(tmp_path / "q.wav", "Capital of France?", ("Paris",), "en", "m:1"),
+            QaRow(tmp_path / "silent.wav", "Capital of France?", ("Paris",), "en", "m:2")]
+    model, reference = FakeModel(), Reference()
+    result = evaluate_qa(model, rows, modes=["speech", "cascade"], reference=reference)
+    assert result.scores()["cascade"].to_dict() == {"n": 2, "correct": 2, "errors": 0, "accuracy": 1.0}
+    assert reference.heard == [str(tmp_path / "q.wav"), str(tmp_path / "silent.wav")]
+    assert (None, "capital of France") in model.sent and (None, ".") in model.sent  # nothing heard: a full stop
+    cascade = [i.to_dict() for i in result.items if i.mode == "cascade"]
+    assert [c["heard"] for c in cascade] == ["capital of France", "."]
+    with pytest.raises(ValueError, match="cascade needs --reference-whisper"):
+        evaluate_qa(model, rows, modes=["cascade"])
+
+
 # ---- the command, on the tiny bundle -------------------------------------------------------------------------------
 
 

@@ -188,7 +188,7 @@ def test_without_the_build_extras_the_default_bundle_is_one_clear_error(checkpoi
     (earlier / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setenv("LLASM_BUNDLE", str(earlier))
     assert default.stale_release(earlier)
-    assert default.ensure_default_bundle() == earlier and "needs 'llasm[export,base]'" in caplog.text
+    assert default.ensure_default_bundle() == earlier and "'llasm[export,base]' (torch is missing)" in caplog.text
 
 
 def test_a_bundle_of_the_users_own_is_never_replaced_by_the_release(checkpoint, bundle, tmp_path, monkeypatch,

@@ -83,3 +83,52 @@ def speech(seconds: float = 1.0, seed: int = 0, rate: int = 16_000) -> np.ndarra
     phase = 2 * np.pi * np.cumsum(f0) / rate
     x = sum(np.sin(k * phase) / k for k in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
     return (0.2 * x + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def whisper_tokens() -> list[str]:
+    """A tiny multilingual Whisper vocabulary in CTranslate2's vocabulary.txt form (byte-level BPE strings): the 256
+    byte symbols, a few words, then Whisper's special tokens in Whisper's order (<|endoftext|> first)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    byte_chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            byte_chars.append(chr(b))
+        else:
+            byte_chars.append(chr(256 + extra))
+            extra += 1
+    sym = dict(zip(range(256), byte_chars))
+    words = [" hello", " world", " the", "What", " is", " capital", " of", " France", "?", " Paris", "你", "好"]
+    pieces = ["".join(sym[b] for b in w.encode("utf-8")) for w in words]
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|zh|>", "<|translate|>", "<|transcribe|>",
+                "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>", "<|0.00|>", "<|0.02|>"]
+    return byte_chars + pieces + specials
+
+
+def ct2_whisper(out, seed: int = 0, d_model: int = 32):
+    """A tiny random multilingual Whisper as a CTranslate2 directory (model.bin fp16, vocabulary.txt, config.json),
+    like the packaged whisper-base; returns the transformers model it was written from."""
+    import json
+    from pathlib import Path
+
+    import torch
+    import transformers as T
+
+    from ct2_writer import ct2_decoder_variables, ct2_encoder_variables, write_ct2
+
+    tokens = whisper_tokens()
+    cfg = whisper_config(d_model=d_model)
+    cfg.vocab_size = len(tokens)
+    torch.manual_seed(seed)
+    model = T.WhisperModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1).copy_(p.half().float())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    variables = ct2_encoder_variables(model.encoder, cfg.encoder_attention_heads)
+    variables.update(ct2_decoder_variables(model.decoder, cfg.decoder_attention_heads))
+    variables["decoder/projection/weight"] = variables["decoder/embeddings/weight"]
+    write_ct2(out / "model.bin", variables)
+    (out / "vocabulary.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    (out / "config.json").write_text(json.dumps({"suppress_ids": [1, 2], "suppress_ids_begin": [32, 256 + 12]}))
+    return model
