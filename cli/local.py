@@ -34,7 +34,7 @@ def _turn(chat, args, audio=None, text=None, listener=None) -> None:
         if not args.json:
             print(piece, end="", flush=True)
     if args.json:
-        print(json.dumps({"text": reply.text, "audio_seconds": reply.audio_seconds,
+        print(json.dumps({"text": reply.text, "heard": reply.heard, "audio_seconds": reply.audio_seconds,
                           "timings_ms": {k: round(v, 2) for k, v in reply.timings.items()},
                           "tokens": reply.tokens, "tokens_per_s": round(reply.tokens_per_s, 2)},
                          ensure_ascii=False), flush=True)

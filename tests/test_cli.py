@@ -52,8 +52,9 @@ def test_json_turn(bundle, tmp_path):
             "--json", "--max-tokens", "4")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(out) == {"text", "audio_seconds", "timings_ms", "tokens", "tokens_per_s"}
+    assert set(out) == {"text", "heard", "audio_seconds", "timings_ms", "tokens", "tokens_per_s"}
     assert out["tokens"] == 4 and abs(out["audio_seconds"] - 1.0) < 1e-6
+    assert out["heard"] is None  # a stack-mlp adaptor hears no words
     assert set(out["timings_ms"]) == {"features", "encode", "prefill", "first_token", "total"}
 
 

@@ -424,3 +424,18 @@ def test_the_default_release_builds_without_torch_and_again_when_it_changes(whis
     (release / "config.json").write_text(json.dumps(config))
     assert build() == [str(out), "False"]
     assert json.loads((out / "manifest.json").read_text())["adaptor"]["rows"] == "soft"
+
+
+def test_json_shows_what_whisper_heard(bundle, model, tmp_path):
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    wav = tmp_path / "q.wav"
+    sf.write(wav, tiny.speech(1.0, seed=4), 16000, subtype="FLOAT")
+    r = subprocess.run([sys.executable, "-m", "llasm.cli.local", "--bundle", str(bundle), "--audio", str(wav),
+                        "--json", "--max-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["heard"] == model.encoder.transcriber(tiny.speech(1.0, seed=4)).text and out["heard"]
