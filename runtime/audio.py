@@ -121,6 +121,10 @@ class AudioError(ValueError):
     """Audio that cannot be used: missing, unreadable, empty or silent."""
 
 
+class NoSpeech(AudioError):
+    """Audio with sound in it, where the model heard no words (Whisper's no-speech test)."""
+
+
 MIN_SAMPLES = SAMPLE_RATE // 10  # 0.1 s: shorter input carries no speech
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, load_audio
+from .audio import SAMPLE_RATE, NoSpeech, load_audio
 from .bundle import Bundle, BundleError, read_bundle
 from .encoder import AudioEncoder
 from .llm import LLM, ContextFull
@@ -112,8 +112,11 @@ class LLaSM:
         cap = int(TRANSCRIPT_TOKENS_PER_S * samples.size / SAMPLE_RATE) + 16
         b = self.bundle  # a bundle may give examples to follow (an LLM that was never taught to transcribe)
         chat = Chat(self, system=b.transcribe_system, history=b.transcribe_examples)
-        return chat.send(audio=samples, max_tokens=cap if max_tokens is None else min(max_tokens, cap),
-                         _turns=transcribe_turns(None, b.transcribe_instruction)).text.strip()
+        try:
+            return chat.send(audio=samples, max_tokens=cap if max_tokens is None else min(max_tokens, cap),
+                             _turns=transcribe_turns(None, b.transcribe_instruction)).text.strip()
+        except NoSpeech:
+            return ""  # as Whisper transcribes audio it judges free of speech
 
     def close(self) -> None:
         self.llm.close()

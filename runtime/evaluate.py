@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from .audio import AudioError
+from .audio import AudioError, NoSpeech
 from .llm import LLMError
 from .scoring import LANGS, EditCounts, answer_correct, detect_lang, normalization, score
 
@@ -433,6 +433,8 @@ def evaluate_qa(model, rows: Sequence[QaRow], modes: Sequence[str] = MODES, max_
                         audio, text = None, reference.transcribe(str(row.audio)) or "."
                     reply = model.chat().send(audio=None if audio is None else str(audio), text=text,
                                               max_tokens=max_tokens, temperature=0.0)
+                except NoSpeech:  # the model's failure, not the row's: a wrong answer
+                    seen[query] = {"reply": "", "correct": False, "heard": ""}
                 except (AudioError, LLMError) as e:
                     seen[query] = {"error": _failure(e)}
                 else:

@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from .audio import AudioError
+from .audio import NoSpeech
 from .whisper_decode import Heard, Transcriber, WhisperVocab
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,10 @@ class HeardEncoder:
         return self.transcriber.features(samples)
 
     def encode_heard(self, passes: list) -> tuple[np.ndarray, Heard]:
-        """Rows and what was heard; AudioError when Whisper heard no words at all."""
+        """Rows and what was heard; NoSpeech when Whisper heard no words at all."""
         heard = self.transcriber.transcribe(passes, self.lang)
         if not heard.tokens:
-            raise AudioError("heard no speech in the audio")
+            raise NoSpeech("heard no speech in the audio")
         return self.rowmap(heard), heard
 
     def encode(self, passes: list) -> np.ndarray:

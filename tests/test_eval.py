@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import tiny
-from llasm.runtime.audio import AudioError
+from llasm.runtime.audio import AudioError, NoSpeech
 from llasm.runtime.evaluate import (MODES, Evaluation, ManifestError, QaRow, evaluate_asr, evaluate_qa,
                                     read_asr_manifest, read_qa_manifest)
 from llasm.runtime.scoring import (EditCounts, answer_correct, cer, corpus_rate, detect_lang, edit_counts,
@@ -198,6 +198,8 @@ class FakeModel:
     def _audio(self, audio):
         if audio is not None and "missing" in str(audio):
             raise AudioError(f"audio file not found: {audio}")
+        if audio is not None and "mumbled" in str(audio):
+            raise NoSpeech("heard no speech in the audio")
 
     def transcribe(self, audio, max_tokens=256):
         self._audio(audio)
@@ -252,6 +254,14 @@ def test_evaluate_qa_modes_accuracy_and_fresh_chats(tmp_path):
     assert model.chats == len(model.sent) + 1 == 2 + 2 + 1 + 1
     with pytest.raises(ValueError, match="QA modes must be among"):
         evaluate_qa(model, rows, modes=["speech", "video"])
+
+
+def test_a_question_the_model_heard_nothing_in_is_answered_wrong_not_skipped(tmp_path):
+    rows = [QaRow(tmp_path / "mumbled.wav", "Capital of France?", ("Paris",), "en", "m:1")]
+    result = evaluate_qa(FakeModel(), rows, modes=["speech", "text"])
+    assert result.scores()["speech"].to_dict() == {"n": 1, "correct": 0, "errors": 0, "accuracy": 0.0}
+    item = [i.to_dict() for i in result.items if i.mode == "speech"][0]
+    assert (item["reply"], item["correct"], item["error"], item["heard"]) == ("", False, None, "")
 
 
 def test_cascade_mode_types_the_reference_transcript(tmp_path):
