@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,9 +14,10 @@ import torch
 from ..runtime import bundle as B
 from ..runtime.llm import LLM
 from ..runtime.prompt import Turn
-from .onnx import (ExportError, convert_fp16, export_audio_encoder, probe_audio, quantize_int8,
+from .onnx import (ExportError, convert_fp16, export_audio_encoder, quantize_int8,
                    verify_audio_encoder)
 from .quantize import quantize_gguf
+from .staging import probe_audio, staged_bundle
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,6 @@ def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str 
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf type must be one of {GGUF_TYPES}, got {gguf_type!r}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite to replace it")
     model, tokenizer, ckpt = load_checkpoint(checkpoint)
     llm_mode = ckpt.get("llm_mode", "frozen")
     base_llm = _local_path(ckpt["base"]["llm"])
@@ -100,11 +98,8 @@ def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str 
         raise ValueError("a fully fine-tuned LLM cannot ship as the base GGUF; choose f16, q8_0 or q4_k_m")
     model = model.float().eval()
     geometry = model.cfg.geometry
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is an ordinary readable directory
     report = ExportReport(out)
-    try:
+    with staged_bundle(out, overwrite) as tmp:
         onnx_path = tmp / "audio_encoder.onnx"
         log.info("exporting audio encoder + adaptor to ONNX")
         export_audio_encoder(model.encoder, model.adaptor, geometry, onnx_path)
@@ -161,12 +156,5 @@ def export_bundle(checkpoint, out, onnx_precision: str = "fp32", gguf_type: str 
             "checks": report.checks,
         }
         (tmp / B.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        B.read_bundle(tmp)  # the manifest describes what is there
         report.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report

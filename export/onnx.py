@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..runtime.audio import AudioGeometry
+from .staging import probe_audio  # noqa: F401 (export.bundle's probe too)
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +97,6 @@ def _sample_speech() -> np.ndarray | None:
         except AudioError:
             continue
     return np.concatenate(clips) if clips else None
-
-
-def probe_audio(seconds: float, seed: int = 0) -> np.ndarray:
-    """A voiced test signal: harmonics of a wandering pitch with syllable-like loudness and a little noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    phase = 2 * np.pi * np.cumsum(130 + 25 * np.sin(2 * np.pi * 0.8 * t + rng.uniform(0, 6))) / 16000
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 8)) * (0.55 + 0.45 * np.sin(2 * np.pi * 3.5 * t))
-    return (0.2 * voiced + 0.005 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 def verify_audio_encoder(encoder: nn.Module, adaptor: nn.Module, geometry: AudioGeometry, path,

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from ..runtime import bundle as B
 from ..runtime.audio import AudioGeometry, load_audio
+from .staging import probe_audio, staged_bundle
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +124,8 @@ def build_whisper_bundle(whisper_dir, llm_gguf, out, adaptor: dict | None = None
     cfg = adaptor_settings(adaptor)
     if not llm_gguf.is_file():
         raise FileNotFoundError(f"no GGUF LLM at {llm_gguf}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)
     report = BuildReport(out)
-    try:
+    with staged_bundle(out, overwrite) as tmp:
         log.info("writing Whisper's encoder and decoder graphs (ONNX)")
         enc_path, dec_path, n_mels = write_graphs(whisper_dir, tmp)
         tokens_path = tmp / "whisper_tokens.json"
@@ -159,14 +154,7 @@ def build_whisper_bundle(whisper_dir, llm_gguf, out, adaptor: dict | None = None
         report.checks = check_bundle(tmp, probe, expect)
         manifest["checks"] = report.checks
         (tmp / B.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        B.read_bundle(tmp)
         report.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
@@ -176,7 +164,7 @@ def check_bundle(path: Path, probe=None, expect: str | None = None) -> dict:
     from ..runtime.chat import LLaSM
     from ..runtime.scoring import normalize
 
-    samples = load_audio(probe) if probe is not None else _voiced(1.5)
+    samples = load_audio(probe) if probe is not None else probe_audio(1.5)
     model = LLaSM.load(path, n_ctx=512)
     try:
         heard = model.encoder.transcriber(samples)
@@ -188,12 +176,3 @@ def check_bundle(path: Path, probe=None, expect: str | None = None) -> dict:
     if expect is not None and normalize(expect, "en") not in normalize(heard.text, "en"):
         raise BuildError(f"the built bundle heard {heard.text!r} in its probe, expected {expect!r}")
     return {"probe_heard": heard.text, "probe_lang": heard.lang, "probe_rows": int(rows.shape[0])}
-
-
-def _voiced(seconds: float, seed: int = 0) -> np.ndarray:
-    """A voiced test signal: harmonics of a wandering pitch with syllable-like loudness and a little noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    phase = 2 * np.pi * np.cumsum(130 + 25 * np.sin(2 * np.pi * 0.8 * t + rng.uniform(0, 6))) / 16000
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 8)) * (0.55 + 0.45 * np.sin(2 * np.pi * 3.5 * t))
-    return (0.2 * voiced + 0.005 * rng.standard_normal(t.size)).astype(np.float32)
