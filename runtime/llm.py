@@ -117,6 +117,7 @@ class LLM:
         self._tokens = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._embeds = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
         self.cache: list[int] = []
+        self._marked = 0  # the lowest n_past since mark()
         self.decodes = 0  # llama_decode calls made
         self._logits_at = 0  # n_past right after the decode whose logits llama.cpp holds; 0: none
         self.token_rows = None  # TokenRows, once warm_up has checked they reproduce the token path
@@ -125,6 +126,16 @@ class LLM:
     @property
     def n_past(self) -> int:
         return len(self.cache)
+
+    def mark(self) -> None:
+        """Start counting `untouched` from now."""
+        self._marked = self.n_past
+
+    @property
+    def untouched(self) -> int:
+        """Positions that hold what they held at mark(): none has been truncated away since (decodes only add
+        positions at the end)."""
+        return min(self._marked, self.n_past)
 
     @property
     def has_logits(self) -> bool:
@@ -270,6 +281,7 @@ class LLM:
         mem = self._lib.llama_get_memory(self.ctx)
         self._lib.llama_memory_seq_rm(mem, 0, n, -1)
         del self.cache[n:]
+        self._marked = min(self._marked, n)
 
     def warm_up(self) -> None:
         """One decode of each kind, so the first real question does not pay for lazy initialisation; and the token
