@@ -8,6 +8,12 @@ and one function that reuses the common prefix); whisper's decoding.py keeps its
 
 A feed is a list of items in order: token lists and (n, n_embd) row arrays.
 
+Besides what the cache holds, the ledger keeps one earlier state of it, copied out of llama.cpp (parked): a load
+that would throw away PARK_MIN positions or more parks them first, and a load that the parked state serves better
+puts it back (copying the live one out in turn). So two conversations used in turn (a chat and a transcription
+between its turns, two chats) each find their history whole: copying the cache out and back (one more copy of it in
+memory) costs far less than computing its positions again.
+
     kv = KVLedger(llm, header=[bos_and_system_tokens])
     kv.load(history + turn)     # the cache holds exactly that now; -> positions computed (the rest was held)
     kv.extend([[token]])        # one more position at the end
@@ -21,7 +27,12 @@ import logging
 
 import numpy as np
 
+from .llm import LLMError
+
 log = logging.getLogger(__name__)
+
+PARK_MIN = 16  # positions a load must throw away to park them: fewer (a listener's changed guess, a conversation
+#                repeating the last one) cost little to compute again, and parking copies the whole cache
 
 
 def size(feed: list) -> int:
@@ -50,6 +61,20 @@ def keys(item) -> list:
     return [hashlib.blake2b(row, digest_size=16).digest() for row in rows]
 
 
+def common_prefix(held: list, feed: list) -> int:
+    """How many positions from the start of `feed` the keys `held` cover."""
+    n = 0
+    for item in feed:
+        part = held[n:n + len(item)]
+        if not part:
+            break
+        same = next((i for i, (a, b) in enumerate(zip(keys(item[:len(part)]), part)) if a != b), len(part))
+        n += same
+        if same < len(item):
+            break
+    return n
+
+
 class KVLedger:
     """The record of one LLM's KV cache, and the only code that changes it (through the LLM's decode methods).
 
@@ -62,6 +87,7 @@ class KVLedger:
         self.llm = llm
         self.header = [list(item) for item in header]
         self._keys: list = []  # one per position held: a token id or a row digest
+        self._parked = None  # (keys, state): an earlier state of the cache, copied out of llama.cpp
         self.computed = 0  # positions computed through this ledger, all told
         self.truncate(0)
         if self.header:
@@ -82,16 +108,7 @@ class KVLedger:
         """How many positions from the start of `feed` the cache holds already (tokens compared by id, rows by
         their bytes' digest)."""
         self._check()
-        held, n = self._keys, 0
-        for item in feed:
-            part = held[n:n + len(item)]
-            if not part:
-                break
-            same = next((i for i, (a, b) in enumerate(zip(keys(item[:len(part)]), part)) if a != b), len(part))
-            n += same
-            if same < len(item):
-                break
-        return n
+        return common_prefix(self._keys, feed)
 
     def holds(self, feed: list) -> bool:
         """The cache holds exactly `feed`."""
@@ -100,9 +117,15 @@ class KVLedger:
     def load(self, feed: list) -> int:
         """Make the cache hold exactly `feed`, keeping the longest prefix of it the cache holds already; -> positions
         computed. The logits are then the feed's last position's: where the whole feed is held already but the
-        logits are another decode's, the last position is computed again."""
+        logits are another decode's, the last position is computed again. The parked state is put back where it
+        holds more of the feed; what this load throws away is parked where that is PARK_MIN positions or more."""
         n = size(feed)
         keep = self.common(feed)
+        if self._parked is not None and common_prefix(self._parked[0], feed) > keep:
+            self._swap()
+            keep = self.common(feed)
+        elif self.size - keep >= PARK_MIN:
+            self._parked = self._copy()
         if keep == n == self.size and (self.has_logits or not n):
             return 0
         keep = max(0, min(keep, n - 1))
@@ -131,6 +154,27 @@ class KVLedger:
         self.llm.truncate(n)
         self.llm.mark()
         del self._keys[n:]
+
+    def _copy(self):
+        """(keys, state) of what the cache holds now; None where llama.cpp cannot copy it out."""
+        try:
+            return list(self._keys), self.llm.save_state()
+        except LLMError as e:
+            log.info("the KV cache is not parked: %s", e)
+            return None
+
+    def _swap(self) -> None:
+        """Put the parked state back, parking the live one. Where llama.cpp cannot, the cache is left empty."""
+        (held, state), self._parked = self._parked, self._copy()
+        try:
+            self.llm.load_state(state)
+            assert self.llm.n_past == len(held)
+            self._keys = held
+        except LLMError as e:
+            log.info("a parked KV cache is computed again: %s", e)
+            self.llm.truncate(0)
+            self._keys = []
+        self.llm.mark()
 
     def _check(self) -> None:
         """Forget what the LLM was made to forget, or fed, behind the ledger's back."""

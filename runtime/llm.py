@@ -277,6 +277,23 @@ class LLM:
         self._n_past = min(self._n_past, n)
         self._marked = min(self._marked, n)
 
+    def save_state(self):
+        """The KV cache's contents copied out of llama.cpp (a ctypes byte array), for load_state."""
+        n = self._lib.llama_state_seq_get_size(self.ctx, 0)
+        state = (ctypes.c_uint8 * n)()
+        if self._lib.llama_state_seq_get_data(self.ctx, state, n, 0) != n:
+            raise LLMError(f"llama.cpp cannot copy its KV cache out ({n} bytes)")
+        return state
+
+    def load_state(self, state) -> None:
+        """Make the KV cache hold again what it held at save_state(); the logits are no position's of it."""
+        self.truncate(0)
+        self._logits_at = 0
+        if not self._lib.llama_state_seq_set_data(self.ctx, state, len(state), 0):
+            self.truncate(0)
+            raise LLMError(f"llama.cpp cannot put a saved KV cache back ({len(state)} bytes)")
+        self._n_past = int(self._lib.llama_memory_seq_pos_max(self._lib.llama_get_memory(self.ctx), 0)) + 1
+
     def warm_up(self) -> None:
         """One decode of each kind, so the first real question does not pay for lazy initialisation; and the token
         rows read from the GGUF are used only where, fed as embeddings, they give the token path's logits."""
