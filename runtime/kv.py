@@ -9,10 +9,10 @@ and one function that reuses the common prefix); whisper's decoding.py keeps its
 A feed is a list of items in order: token lists and (n, n_embd) row arrays.
 
 Besides what the cache holds, the ledger keeps one earlier state of it, copied out of llama.cpp (parked): a load
-that would throw away PARK_MIN positions or more parks them first, and a load that the parked state serves better
-puts it back (copying the live one out in turn). So two conversations used in turn (a chat and a transcription
-between its turns, two chats) each find their history whole: copying the cache out and back (one more copy of it in
-memory) costs far less than computing its positions again.
+that would throw away PARK_MIN positions or more parks them first, unless the parked state would lose more, and a
+load that the parked state serves better puts it back (parking the live one in turn). So two conversations used in
+turn (a chat and transcriptions between its turns, two chats) each find their history whole: copying the cache out
+and back (one more copy of it in memory) costs far less than computing its positions again.
 
     kv = KVLedger(llm, header=[bos_and_system_tokens])
     kv.load(history + turn)     # the cache holds exactly that now; -> positions computed (the rest was held)
@@ -118,13 +118,14 @@ class KVLedger:
         """Make the cache hold exactly `feed`, keeping the longest prefix of it the cache holds already; -> positions
         computed. The logits are then the feed's last position's: where the whole feed is held already but the
         logits are another decode's, the last position is computed again. The parked state is put back where it
-        holds more of the feed; what this load throws away is parked where that is PARK_MIN positions or more."""
+        holds more of the feed; what this load throws away is parked where that is PARK_MIN positions or more, and
+        more than the parked state would lose."""
         n = size(feed)
         keep = self.common(feed)
         if self._parked is not None and common_prefix(self._parked[0], feed) > keep:
             self._swap()
             keep = self.common(feed)
-        elif self.size - keep >= PARK_MIN:
+        elif self.size - keep >= max(PARK_MIN, self._parked_alone(keep)):
             self._parked = self._copy()
         if keep == n == self.size and (self.has_logits or not n):
             return 0
@@ -154,6 +155,14 @@ class KVLedger:
         self.llm.truncate(n)
         self.llm.mark()
         del self._keys[n:]
+
+    def _parked_alone(self, keep: int) -> int:
+        """Positions of the parked state that the cache will not hold once cut to `keep`."""
+        if self._parked is None:
+            return 0
+        held = self._parked[0]
+        same = next((i for i, (a, b) in enumerate(zip(held, self._keys[:keep])) if a != b), min(len(held), keep))
+        return len(held) - same
 
     def _copy(self):
         """(keys, state) of what the cache holds now; None where llama.cpp cannot copy it out."""

@@ -5,6 +5,7 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
+import tiny  # noqa: E402
 from llasm.runtime.bundle import read_bundle  # noqa: E402
 from llasm.runtime.kv import KVLedger, keys, size, skip  # noqa: E402
 from llasm.runtime.llm import LLM, ContextFull  # noqa: E402
@@ -102,3 +103,104 @@ def test_a_cache_changed_behind_the_ledgers_back_keeps_what_stayed_untouched(llm
     llm.eval_tokens(llm.tokenize("hello"))  # as long as the header maybe, but not what the ledger fed
     assert kv.size == len(one) - 1 == llm.n_past
     assert kv.load([one, two]) == len(two) + 1
+
+
+def test_a_parked_history_comes_back_whole_and_outlasts_shorter_ones(llm, path):
+    kv = KVLedger(llm)
+    chat = [llm.tokenize("hello world"), rows(llm, 30, seed=5)]
+    other = [llm.tokenize("one two three")]  # shares nothing with chat (another system prompt)
+    t1, t2 = other + [rows(llm, 20, seed=6)], other + [rows(llm, 20, seed=7)]
+    assert kv.load(chat) == size(chat)
+    assert kv.load(t1) == size(t1)  # the chat is parked (copied out), not kept in the cache
+    assert kv.load(t2) == 20  # t1's rows are thrown away: parking them would lose the chat, which holds more
+    more = chat + [llm.tokenize("and then")]
+    assert kv.load(more) == len(more[-1])  # the chat comes back whole (t2 parked in its place)
+    np.testing.assert_allclose(llm.logits(), at_once(path, more), atol=1e-4)
+    assert kv.load(t2) == 1  # and t2 comes back: only its last position is computed again, for its logits
+    np.testing.assert_allclose(llm.logits(), at_once(path, t2), atol=1e-4)
+    kv.truncate(0)
+
+
+def positions(feed):
+    for item in feed:
+        if isinstance(item, np.ndarray):
+            yield from (row.tobytes() for row in item)
+        else:
+            yield from item
+
+
+def shared(f, g) -> int:
+    """Positions two feeds share from the start: equal token ids, bit-equal rows."""
+    n = 0
+    for p, q in zip(positions(f), positions(g)):
+        if type(p) is not type(q) or p != q:
+            break
+        n += 1
+    return n
+
+
+def test_two_conversations_in_turn_keep_what_they_share_through_a_listener_turn_and_a_transcription(bundle, path):
+    """A and B begin alike (the same audio, other words); A's next turn is listened to; a transcription runs; then
+    each goes on. Each turn computes only what the KV cache did not hold (A's history comes back whole after the
+    transcription: the ledger parked it), and its first token's logits are those of its history and turn computed at
+    once in a fresh context."""
+    from test_listen import heard, sampled
+
+    from llasm.runtime.chat import LLaSM, Reply
+
+    model = LLaSM.load(bundle)
+    kv = model.kv
+    fresh = LLM(path, n_ctx=model.llm.n_ctx)
+    a, b = model.chat(), model.chat()
+    x, y, z = tiny.speech(1.5, seed=20), tiny.speech(1.5, seed=21), tiny.speech(1.0, seed=22)
+
+    def as_at_once(chat, seen):
+        prompt = chat.history()[:-1]  # history and turn, without the answer
+        fresh.truncate(0)
+        for item in prompt:
+            (fresh.eval_embeddings if isinstance(item, np.ndarray) else fresh.eval_tokens)(item)
+        np.testing.assert_allclose(seen[0], fresh.logits(), atol=1e-4)
+        return prompt
+
+    with sampled() as seen:
+        r = a.send(audio=x, text="hi", max_tokens=4)
+    assert r.prefilled == size(as_at_once(a, seen)) - size(kv.header)  # the header was there
+
+    with sampled() as seen:
+        r = b.send(audio=x, text="hey", max_tokens=4)
+    prompt = as_at_once(b, seen)
+    common = shared(prompt, a.history())
+    assert common >= len(prompt[0]) + len(prompt[1])  # header, markup and the audio's rows: A computed them
+    assert r.prefilled == size(prompt) - common
+
+    before, computed = a.history(), kv.computed
+    lis = a.listen(trim=False, step_rows=3, context_rows=4, lookahead_rows=2)
+    heard(lis, y, block=1600)
+    assert lis.rows_ahead > 0
+    with sampled() as seen:
+        for _ in lis.answer(max_tokens=4, _reply=Reply("")):
+            pass
+    as_at_once(a, seen)
+    assert kv.computed - computed == size(a.history()) - size(before)  # the turn and its answer: no history again
+
+    with sampled() as seen:
+        model.transcribe(z, max_tokens=4)
+    other = LLaSM.load(bundle)
+    with sampled() as want:
+        other.transcribe(z, max_tokens=4)
+    other.close()
+    np.testing.assert_allclose(seen[0], want[0], atol=1e-4)
+
+    before = a.history()
+    with sampled() as seen:
+        r = a.send(text="and then?", max_tokens=4)
+    prompt = as_at_once(a, seen)
+    assert r.prefilled == size(prompt) - size(before) > 0  # the transcription left A's history whole
+
+    with sampled() as seen:
+        r = b.send(text="and you?", max_tokens=4)
+    prompt = as_at_once(b, seen)
+    common = shared(prompt, a.history())
+    assert common >= len(prompt[0]) + len(prompt[1]) and r.prefilled == size(prompt) - common
+    fresh.close()
+    model.close()
