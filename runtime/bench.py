@@ -139,7 +139,7 @@ def _llasm_path(cfg: BenchConfig, clips: list[np.ndarray]) -> dict:
     if cfg.listen:
         listening = _sweep(cfg, clips, chat, lambda x: _listen(chat, x))
         pause = _sweep(cfg, clips, chat, lambda x: _listen(chat, x, pause=cfg.pause))
-    decode = _decode_rate(model.llm, _decode_prompt(model.bundle), cfg.decode_tokens, cfg.repeats)
+    decode = _decode_rate(model, _decode_prompt(model.bundle), cfg.decode_tokens, cfg.repeats)
     res.peak_rss_mb = _peak_rss_mb()
     model.close()
     return {"result": res, "decode": decode, "listening": listening, "listening_pause": pause}
@@ -178,20 +178,21 @@ def _decode_prompt(bundle) -> str:
     return "".join(seg.text for seg in bundle.prompt.render([Turn("user", (DECODE_QUESTION,))]))
 
 
-def _decode_rate(llm, prompt: str, n: int, repeats: int) -> float:
-    """Tokens/s of the runtime's own greedy step (logits read, argmax, piece, eval), EOS ignored."""
+def _decode_rate(model, prompt: str, n: int, repeats: int) -> float:
+    """Tokens/s of the runtime's own greedy step (logits read, argmax, piece, eval through the KV ledger), EOS
+    ignored."""
+    llm, kv = model.llm, model.kv
     ids = llm.tokenize(prompt)
     rates = []
     for _ in range(repeats + 1):
-        llm.truncate(0)
-        llm.eval_tokens(ids)
+        kv.load([ids])
         t = time.perf_counter()
         for _ in range(n):
             token = int(np.argmax(llm.logits(copy=False)))
             llm.piece(token)
-            llm.eval_tokens([token])
+            kv.extend([[token]])
         rates.append(n / (time.perf_counter() - t))
-    llm.truncate(0)
+    kv.truncate(0)
     return _median(rates[1:])
 
 

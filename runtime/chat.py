@@ -23,6 +23,7 @@ import numpy as np
 from .audio import SAMPLE_RATE, NoSpeech, load_audio
 from .bundle import Bundle, BundleError, read_bundle
 from .encoder import AudioEncoder
+from .kv import KVLedger, size
 from .llm import LLM, ContextFull
 from .loops import loop_excess
 from .prompt import Turn, transcribe_turns
@@ -54,6 +55,7 @@ class Reply:
     heard: str | None = None  # what Whisper heard in the turn's audio (whisper-decoder bundles), for display only:
     #                           the LLM reads the audio's rows, never this text
     audio_rows: int = 0  # LLM positions the turn's audio took
+    prefilled: int = 0  # KV positions computed before the first token (the rest of the prompt was in the cache)
 
 
 TRANSCRIPT_TOKENS_PER_S = 10  # read speech in the training data: 3.2 (en) and 2.5 (zh) Qwen tokens/s, at most 6.4
@@ -61,11 +63,13 @@ class LLaSM:
     """A loaded bundle: the audio encoder (onnxruntime) and the LLM (llama.cpp)."""
 
     def __init__(self, bundle: Bundle, encoder: AudioEncoder, llm: LLM):
+        """Computes bos + the default system prompt into the KV cache: new conversations start from it."""
         self.bundle = bundle
         self.encoder = encoder
         self.llm = llm
+        header = bundle.prompt.render([], add_generation_prompt=False)
+        self.kv = KVLedger(llm, header=[llm.tokenize(seg.text) for seg in header])  # what the KV cache holds
         self.lock = threading.Lock()  # one llama.cpp context: one turn at a time
-        self.owner = None  # the Chat whose history the KV cache holds
 
     @classmethod
     def load(cls, bundle=None, n_threads: int | None = None, n_gpu_layers: int = 0, n_ctx: int = 4096,
@@ -92,14 +96,7 @@ class LLaSM:
             from .heard_rows import heard_encoder
 
             encoder = heard_encoder(b, llm, n_threads)
-        model = cls(b, encoder, llm)
-        model._prefill_default_header()
-        return model
-
-    def _prefill_default_header(self) -> None:
-        """Put bos + the default system prompt in the KV cache now; new conversations start from it."""
-        for seg in self.bundle.prompt.render([], add_generation_prompt=False):
-            self.llm.eval_tokens(self.llm.tokenize(seg.text))
+        return cls(b, encoder, llm)
 
     def chat(self, system: str | None = None, history=()) -> "Chat":
         """A new conversation; history: (user text, assistant text) exchanges it starts from."""
@@ -133,7 +130,9 @@ class _Exchange:
 
 
 class Chat:
-    """One conversation. Its KV cache lives across turns; earlier audio is never encoded or prefilled again.
+    """One conversation. Each turn asks the KV ledger to hold the history and the new turn: while this
+    conversation is the last one answered, that computes the new turn only, and earlier audio is never encoded or
+    prefilled again; after another conversation, what the two share from the start is kept.
 
     When a turn would overflow the context, the oldest exchanges are dropped and the rest is prefilled again
     from their stored embedding rows (audio is not re-encoded).
@@ -151,7 +150,7 @@ class Chat:
                 raise ValueError(f"history holds (user text, assistant text) pairs, got {(user, assistant)!r}")
             reply = llm.tokenize(assistant, special=False) + llm.tokenize(end)
             self.exchanges.append(_Exchange(Turn("user", (user,)), [], reply, assistant))
-        self._fed: list = self._replay(self.exchanges)  # what this chat put in the KV cache: tokens and rows
+        self._fed: list = self._replay(self.exchanges)  # the history as the KV cache holds it: tokens and rows
         self._cancel = threading.Event()
         self.dropped = 0  # exchanges dropped to fit the context
 
@@ -162,6 +161,11 @@ class Chat:
         for ex in self.exchanges:
             out += [ex.user, Turn("assistant", (ex.text,))]
         return out
+
+    def history(self) -> list:
+        """The feed (token lists and row arrays) of the conversation so far, as the KV cache holds it between turns;
+        empty for a new conversation, whose first turn brings the system prompt."""
+        return list(self._fed)
 
     def reset(self) -> None:
         with self.model.lock:  # the KV cache is left as it is: the next turn reuses its system prompt
@@ -207,10 +211,21 @@ class Chat:
                 t_enc += time.perf_counter() - b
         reply.heard = " ".join(heard) if heard else None
         reply.audio_rows = sum(len(r) for r in rows)
-        yield from self._generate(turn, rows, reply, t0, t_feat, t_enc, max_tokens, temperature, seed)
+        yield from self.respond(turn, rows, max_tokens, temperature, seed, reply, started=t0,
+                                timings={"features": 1e3 * t_feat, "encode": 1e3 * t_enc})
+
+    def feed(self, turn: Turn, rows: list, through_audio: bool = False) -> list:
+        """Token lists and row arrays of one user turn after the history, then the generation prompt (a new
+        conversation's first turn starts with its system prompt). rows: one array per audio part of the turn, in
+        order. through_audio: the turn only up to the end of its last audio part (a turn still being spoken)."""
+        out = self._feed(turn, rows, start=not self.exchanges)
+        if through_audio:
+            out = out[:max((i + 1 for i, f in enumerate(out) if isinstance(f, np.ndarray)), default=0)]
+        return out
 
     def _feed(self, turn: Turn, rows: list, start: bool) -> list:
-        """Token lists and embedding arrays for one user turn + the generation prompt."""
+        """Token lists and row arrays of one user turn + the generation prompt (start: with bos and the system
+        prompt)."""
         rows = iter(rows)
         out = []
         for seg in self.model.bundle.prompt.render([turn], add_generation_prompt=True, system=self.system,
@@ -218,68 +233,30 @@ class Chat:
             out.append(next(rows) if seg.is_audio else self.model.llm.tokenize(seg.text))
         return out
 
-    def _prefix(self) -> list:
-        """The feed of a spoken user turn up to its audio (chat markup; the system prompt in a new conversation)."""
-        feed = self._feed(Turn("user", (np.zeros(0, np.float32),)), [None], start=not self.exchanges)
-        return feed[:feed.index(None)]
-
     def _replay(self, exchanges: list[_Exchange]) -> list:
         fed = []
         for i, ex in enumerate(exchanges):
             fed += self._feed(ex.user, ex.rows, start=i == 0) + [ex.reply]
         return fed
 
-    def _prefill(self, items: list) -> None:
-        self.model.llm.eval(items)
-
-    def _load(self, items: list) -> int:
-        """Make the KV cache hold exactly `items`, keeping the longest token prefix it already holds
-        (a system prompt another conversation left there); -> positions that had to be computed. The last position
-        is always computed: llama.cpp's logits are those of the last decode, and the caller reads them next."""
-        llm = self.model.llm
-        same = 0
-        for f in items:
-            if isinstance(f, np.ndarray):
-                break  # audio rows have no ids to compare: never reused across conversations
-            cached = llm.cache[same: same + len(f)]
-            n = next((i for i, (a, b) in enumerate(zip(f, cached)) if a != b), min(len(f), len(cached)))
-            same += n
-            if n < len(f):
-                break
-        same = min(same, _size(items) - 1)
-        llm.truncate(same)
-        self._prefill(_skip(items, same))
-        return llm.n_past - same
-
-    def _sync(self) -> None:
-        """Make the KV cache hold exactly this chat's history (another chat may have used it)."""
-        llm = self.model.llm
-        if not self._fed or (self.model.owner is self and llm.n_past == _size(self._fed)):
-            self.model.owner = self  # a new conversation loads its first turn with _load, reusing the cache
-            return
-        self.model.owner = None
-        self._load(self._fed)
-        self.model.owner = self
-
     def _fit(self, turn: Turn, rows: list, reserve: int) -> list:
-        """The new turn's feed, dropping the oldest exchanges (and prefilling the rest again) if needed."""
-        llm = self.model.llm
+        """The new turn's feed, dropping the oldest exchanges first where history, turn and answer would not fit
+        (the turn then prefills the rest again)."""
+        n_ctx = self.model.llm.n_ctx
         feed = self._feed(turn, rows, start=not self.exchanges)
-        if _size(self._fed) + _size(feed) + reserve <= llm.n_ctx:  # not n_past: another chat's leftovers don't count
+        if size(self._fed) + size(feed) + reserve <= n_ctx:  # the KV cache's other contents don't count
             return feed
         for drop in range(1, len(self.exchanges) + 1):
             kept = self.exchanges[drop:]
             fed = self._replay(kept)
             feed = self._feed(turn, rows, start=not kept)
-            if _size(fed) + _size(feed) + reserve <= llm.n_ctx:
+            if size(fed) + size(feed) + reserve <= n_ctx:
                 log.info("context full: dropped the %d oldest exchange(s)", drop)
-                llm.truncate(0)
                 self.exchanges, self._fed = kept, fed
                 self.dropped += drop
-                self._prefill(fed)
                 return feed
-        raise ContextFull(f"this turn needs {_size(feed) + reserve} positions (with {reserve} for the answer), "
-                          f"the context holds {llm.n_ctx}")
+        raise ContextFull(f"this turn needs {size(feed) + reserve} positions (with {reserve} for the answer), "
+                          f"the context holds {n_ctx}")
 
     def listen(self, trim: bool = True, **kw) -> "Listener":
         """A spoken turn fed as it is spoken (a microphone): Listener.feed(samples) while it lasts, then
@@ -288,48 +265,33 @@ class Chat:
 
         return Listener(self, trim=trim, **kw)
 
-    def _generate(self, turn, rows, reply, t0, t_feat, t_enc, max_tokens, temperature, seed, ahead=()):
-        """ahead: what a Listener already put in the KV cache after this chat's history; the part of it that
-        begins this turn's feed is kept, the rest recomputed."""
-        llm = self.model.llm
-        prompt = self.model.bundle.prompt
+    def respond(self, turn: Turn, rows: list, max_tokens: int = 512, temperature: float = 0.0, seed: int = 0,
+                reply: Reply | None = None, started: float | None = None, timings: dict | None = None
+                ) -> Iterator[str]:
+        """Text pieces of the answer to a user turn whose audio parts are encoded already (rows: one array per
+        audio part, in order). Whatever the KV cache holds of history and turn already (a Listener's head start,
+        a system prompt) is kept. reply: filled in as the answer ends; started: time.perf_counter() when the turn
+        began (default now); timings: ms spent on it so far (features, encode)."""
+        reply = reply if reply is not None else Reply("")
+        t0 = time.perf_counter() if started is None else started
+        kv, llm, prompt = self.model.kv, self.model.llm, self.model.bundle.prompt
         with self.model.lock:
             self._cancel.clear()
-            if not (ahead and self.model.owner is self and llm.n_past == _size(self._fed) + _size(ahead)):
-                ahead = ()  # another conversation has used the KV cache since
-                self._sync()
-            dropped = self.dropped
             end = llm.tokenize(prompt.end_of_turn)
             feed = self._fit(turn, rows, reserve=min(max_tokens, llm.n_ctx // 4) + len(end))
-            if self.dropped != dropped:
-                ahead = ()  # _fit prefilled the kept exchanges again from position 0
-            start = _size(self._fed) if self._fed else 0
-            try:
-                a = time.perf_counter()
-                if ahead:
-                    keep = _common(ahead, feed)
-                    if keep < _size(feed) or llm.n_past != _size(self._fed) + keep or not llm.has_logits:
-                        keep = min(keep, _size(feed) - 1)  # decode at least one position: the logits are this turn's
-                        llm.truncate(_size(self._fed) + keep)
-                        self._prefill(_skip(feed, keep))
-                elif not self._fed:  # a new conversation: reuse a cached system prompt
-                    self._load(feed)
-                else:
-                    self._prefill(feed)
-                t_prefill = time.perf_counter() - a
-            except BaseException:
-                llm.truncate(start)  # a failed turn leaves the conversation as it was
-                raise
-            prefilled = llm.n_past
+            a = time.perf_counter()
+            reply.prefilled = kv.load(self._fed + feed)  # a failure leaves the conversation as it was
+            t_prefill = time.perf_counter() - a
+            prefilled = kv.size
             rng = np.random.default_rng(seed)
             decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            generated: list[int] = []
+            generated: list[int] = []  # sampled; those fed to the KV cache sit from position `prefilled` on
             text = ""
             t_first = None
             stops = prompt.stop
             longest_stop = max((len(s) for s in stops), default=0)
             try:
-                while len(generated) < max_tokens and not self._cancel.is_set() and llm.n_past + len(end) < llm.n_ctx:
+                while len(generated) < max_tokens and not self._cancel.is_set() and kv.size + len(end) < llm.n_ctx:
                     token = _sample(llm.logits(copy=False), temperature, rng)
                     if llm.is_eog(token):
                         break
@@ -337,7 +299,7 @@ class Chat:
                     excess = loop_excess(generated)
                     if excess:  # keep one copy of the block; this token was never evaluated, the others were
                         del generated[len(generated) - excess:]
-                        llm.truncate(prefilled + len(generated))
+                        kv.truncate(prefilled + len(generated))
                         text = b"".join(llm.piece(t) for t in generated).decode("utf-8", "replace")
                         reply.looped = True
                         break
@@ -350,59 +312,24 @@ class Chat:
                         t_first = time.perf_counter()
                     if piece:
                         yield piece
-                    llm.eval_tokens([token])
+                    kv.extend([[token]])
             finally:
                 # Close the assistant turn as training rendered it, even for an abandoned stream.
-                evaluated = llm.cache[prefilled:]
+                evaluated = generated[:kv.size - prefilled]
                 try:
-                    llm.eval_tokens(end)
+                    kv.extend([end])
                     evaluated = evaluated + end
                 except Exception:
-                    llm.truncate(prefilled + len(evaluated))
+                    kv.truncate(prefilled + len(evaluated))
                 self._fed += feed + [evaluated]
                 self.exchanges.append(_Exchange(turn, rows, evaluated, text))
                 now = time.perf_counter()
                 decode_s = now - (t_first or now)
                 reply.tokens = len(generated)
                 reply.tokens_per_s = (len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0
-                reply.timings = {"features": 1e3 * t_feat, "encode": 1e3 * t_enc, "prefill": 1e3 * t_prefill,
+                reply.timings = {"features": 0.0, "encode": 0.0, **(timings or {}), "prefill": 1e3 * t_prefill,
                                  "first_token": 1e3 * ((t_first or now) - t0), "total": 1e3 * (now - t0)}
                 reply.text = text
-
-
-def _size(items: list) -> int:
-    """KV positions a feed takes."""
-    return sum(len(f) for f in items)
-
-
-def _skip(items: list, n: int) -> list:
-    """items (token lists and row arrays) without their first n positions."""
-    rest = []
-    for f in items:
-        if n >= len(f):
-            n -= len(f)
-            continue
-        rest.append(f[n:])
-        n = 0
-    return rest
-
-
-def _positions(items: list) -> Iterator:
-    for f in items:
-        if isinstance(f, np.ndarray):
-            yield from (row.tobytes() for row in f)
-        else:
-            yield from f
-
-
-def _common(a: list, b: list) -> int:
-    """How many positions two feeds share from the start: equal token ids, bit-equal rows."""
-    n = 0
-    for x, y in zip(_positions(a), _positions(b)):
-        if type(x) is not type(y) or x != y:
-            break
-        n += 1
-    return n
 
 
 def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:

@@ -29,7 +29,8 @@ from typing import Iterator
 import numpy as np
 
 from .audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, load_audio
-from .chat import Reply, _common, _size, _skip
+from .chat import Reply
+from .kv import size
 from .mic import voiced_span
 from .prompt import Turn
 
@@ -149,7 +150,7 @@ class Listener:
         self._next = self.check if trim else self.passes.point()  # samples the worker's next look sees
         self._closed = False
         self._stopped = False  # the worker has stopped listening ahead
-        self._ahead: list = []  # what the KV cache holds for this turn after the chat's history
+        self._ahead: list = []  # the feed of this turn so far that the KV cache holds after the chat's history
         self._guess = (None, None, None)  # (start, end, rows) of the audio last prefilled whole, speech seeming over
         self._answered = False
         self._worker = None
@@ -232,7 +233,7 @@ class Listener:
             guessed = self._guess[0] == self._start and self._near(span[1], self._guess[1])
             if MIN_SAMPLES <= x.size <= self.passes.max_samples and not guessed:
                 rows = self.passes.final(x)
-                ok = self._reach(self.chat._feed(Turn("user", (x,)), [rows], start=not self.chat.exchanges))
+                ok = self._reach(self.chat.feed(Turn("user", (x,)), [rows]))
                 self._guess = (self._start, span[1], rows)
             self._next = audio.size + self.check  # the passes wait: speech may go on, and they catch up then
             return ok
@@ -243,26 +244,19 @@ class Listener:
             if ok:
                 self.passes.run(x)
                 kept = [np.concatenate([self.passes.begin] + self.passes.kept)]
-                ok = self._reach(self.chat._prefix() + kept)
+                ok = self._reach(self.chat.feed(Turn("user", (x,)), kept, through_audio=True))
         self._next = min(self._start + self.passes.point(), audio.size + self.check)
         return ok
 
     def _reach(self, feed: list) -> bool:
-        """Make the KV cache hold the chat's history and then `feed`, keeping what it holds of it already."""
-        chat, llm = self.chat, self.chat.model.llm
+        """Make the KV cache hold the chat's history and then `feed` (this turn so far), keeping what it holds of
+        them already. False: another conversation has used the KV cache since the last reach."""
+        chat, kv = self.chat, self.chat.model.kv
         with chat.model.lock:
-            if not self._ahead:
-                chat._sync()
-                if chat._fed:
-                    chat._prefill(feed)
-                else:
-                    chat._load(feed)  # a new conversation: reuse a cached system prompt
-            elif chat.model.owner is chat and llm.n_past == _size(chat._fed) + _size(self._ahead):
-                keep = _common(self._ahead, feed)
-                llm.truncate(_size(chat._fed) + keep)
-                chat._prefill(_skip(feed, keep))
-            else:
-                return False  # another conversation used the KV cache
+            history = chat.history()
+            if self._ahead and not kv.holds(history + self._ahead):
+                return False
+            kv.load(history + feed)
             self._ahead = feed
             return True
 
@@ -276,11 +270,12 @@ class Listener:
     def cancel(self) -> None:
         """Drop the turn: the KV cache and the conversation are left as they were before it."""
         self._close()
-        chat, llm = self.chat, self.chat.model.llm
+        chat, kv = self.chat, self.chat.model.kv
         with chat.model.lock:
-            if self._ahead and chat.model.owner is chat and llm.n_past == _size(chat._fed) + _size(self._ahead):
-                lead = 0 if chat._fed else _size(takewhile(lambda f: not isinstance(f, np.ndarray), self._ahead))
-                llm.truncate(_size(chat._fed) + lead)  # a new conversation keeps its cached header
+            history = chat.history()
+            if self._ahead and kv.holds(history + self._ahead):
+                lead = 0 if history else size(takewhile(lambda f: not isinstance(f, np.ndarray), self._ahead))
+                kv.truncate(size(history) + lead)  # a new conversation keeps its cached header
             self._ahead = []
 
     def _speech(self, audio: np.ndarray) -> tuple[int, int]:
@@ -326,5 +321,4 @@ class Listener:
         else:
             rows = self.passes.final(x, timings)
         turn = Turn("user", (x,) + ((text,) if text else ()))
-        yield from self.chat._generate(turn, [rows], reply, t0, timings["features"] / 1e3, timings["encode"] / 1e3,
-                                       max_tokens, temperature, seed, ahead=self._ahead)
+        yield from self.chat.respond(turn, [rows], max_tokens, temperature, seed, reply, started=t0, timings=timings)

@@ -1,7 +1,7 @@
-"""llama.cpp through llama-cpp-python: text as tokens, audio as embedding batches, one KV cache we track.
+"""llama.cpp through llama-cpp-python: text as tokens, audio as embedding batches, fed at the end of one sequence.
 
-llama.cpp reuses KV by token ids, but audio rows have none; so `cache` records what every KV position holds
-(a token id, or EMBEDDING for an audio row) and the caller truncates or extends it explicitly.
+The LLM knows how many KV positions it holds and whether its logits are the last one's; what each position holds
+is recorded by the KV ledger (kv.py) that a loaded bundle feeds it through.
 """
 from __future__ import annotations
 
@@ -14,9 +14,6 @@ import numpy as np
 from .token_rows import TokenRows, TokenRowsError
 
 log = logging.getLogger(__name__)
-
-EMBEDDING = -1  # cache entry of a position filled from an embedding row
-
 
 _LLAMA_LOG_LEVELS = {1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
 _llama_log = logging.getLogger(__name__ + ".llama_cpp")
@@ -116,7 +113,8 @@ class LLM:
         self.n_batch = n_batch
         self._tokens = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._embeds = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
-        self.cache: list[int] = []
+        self._n_past = 0  # KV positions held
+        self._marked = 0  # the lowest n_past since mark()
         self.decodes = 0  # llama_decode calls made
         self._logits_at = 0  # n_past right after the decode whose logits llama.cpp holds; 0: none
         self.token_rows = None  # TokenRows, once warm_up has checked they reproduce the token path
@@ -124,7 +122,18 @@ class LLM:
 
     @property
     def n_past(self) -> int:
-        return len(self.cache)
+        """KV positions held: the next one fed goes there."""
+        return self._n_past
+
+    def mark(self) -> None:
+        """Start counting `untouched` from now."""
+        self._marked = self._n_past
+
+    @property
+    def untouched(self) -> int:
+        """Positions that hold what they held at mark(): none has been truncated away since (decodes only add
+        positions at the end)."""
+        return min(self._marked, self._n_past)
 
     @property
     def has_logits(self) -> bool:
@@ -212,7 +221,7 @@ class LLM:
         if rc != 0:
             self.truncate(self.n_past)  # drop whatever the failed batch may have left in the KV cache
             raise LLMError(f"llama_decode failed on {n} {what} (code {rc})")
-        self._logits_at = self.n_past + n  # the caller adds the n positions to the cache next
+        self._logits_at = self.n_past + n  # the caller counts the n positions next
 
     def eval_tokens(self, ids: list[int]) -> None:
         self._room(len(ids))
@@ -221,22 +230,19 @@ class LLM:
             for i, t in enumerate(chunk):
                 self._tokens.token[i] = t
             self._decode(self._tokens, len(chunk), "tokens")
-            self.cache.extend(chunk)
+            self._n_past += len(chunk)
 
-    def eval_embeddings(self, rows: np.ndarray, ids: list[int] | None = None) -> None:
-        """(n, n_embd) rows in the LLM's input-embedding space, fed in batches of at most n_batch. ids: what the
-        cache records for each row (a token id where the row is that token's own embedding), else EMBEDDING."""
+    def eval_embeddings(self, rows: np.ndarray) -> None:
+        """(n, n_embd) rows in the LLM's input-embedding space, fed in batches of at most n_batch."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.n_embd:
             raise LLMError(f"embedding rows have shape {rows.shape}, the LLM takes (n, {self.n_embd})")
-        ids = [EMBEDDING] * rows.shape[0] if ids is None else ids
-        assert len(ids) == rows.shape[0]
         self._room(rows.shape[0])
         for start in range(0, rows.shape[0], self.n_batch):
             chunk = rows[start:start + self.n_batch]
             ctypes.memmove(self._embeds.embd, chunk.ctypes.data, chunk.nbytes)
             self._decode(self._embeds, chunk.shape[0], "embedding rows")
-            self.cache.extend(ids[start:start + self.n_batch])
+            self._n_past += chunk.shape[0]
 
     def eval(self, items: list) -> None:
         """Token lists and embedding arrays, in order. Audio among text goes as one embedding batch, the text as
@@ -254,9 +260,8 @@ class LLM:
                 if f is not None:
                     self.eval_embeddings(f)
             return
-        rows = [f if isinstance(f, np.ndarray) else self.token_rows.rows(f) for f in items]
-        ids = [i for f in items for i in ([EMBEDDING] * len(f) if isinstance(f, np.ndarray) else f)]
-        self.eval_embeddings(np.concatenate(rows), ids)
+        self.eval_embeddings(np.concatenate([f if isinstance(f, np.ndarray) else self.token_rows.rows(f)
+                                             for f in items]))
 
     def logits(self, copy: bool = True) -> np.ndarray:
         """Logits after the last evaluated position, (n_vocab,) float32. copy=False: a view into llama.cpp's
@@ -269,7 +274,25 @@ class LLM:
         """Forget KV positions n and later."""
         mem = self._lib.llama_get_memory(self.ctx)
         self._lib.llama_memory_seq_rm(mem, 0, n, -1)
-        del self.cache[n:]
+        self._n_past = min(self._n_past, n)
+        self._marked = min(self._marked, n)
+
+    def save_state(self):
+        """The KV cache's contents copied out of llama.cpp (a ctypes byte array), for load_state."""
+        n = self._lib.llama_state_seq_get_size(self.ctx, 0)
+        state = (ctypes.c_uint8 * n)()
+        if self._lib.llama_state_seq_get_data(self.ctx, state, n, 0) != n:
+            raise LLMError(f"llama.cpp cannot copy its KV cache out ({n} bytes)")
+        return state
+
+    def load_state(self, state) -> None:
+        """Make the KV cache hold again what it held at save_state(); the logits are no position's of it."""
+        self.truncate(0)
+        self._logits_at = 0
+        if not self._lib.llama_state_seq_set_data(self.ctx, state, len(state), 0):
+            self.truncate(0)
+            raise LLMError(f"llama.cpp cannot put a saved KV cache back ({len(state)} bytes)")
+        self._n_past = int(self._lib.llama_memory_seq_pos_max(self._lib.llama_get_memory(self.ctx), 0)) + 1
 
     def warm_up(self) -> None:
         """One decode of each kind, so the first real question does not pay for lazy initialisation; and the token

@@ -112,9 +112,9 @@ def test_chat_kept_kv_equals_full_recompute(bundle):
     assert r1.tokens == 5 and set(r2.timings) == {"features", "encode", "prefill", "first_token", "total"}
     # The same history computed from nothing in a fresh context gives the same next-token logits.
     fresh = LLM(read_bundle(bundle).llm, n_ctx=1024)
-    for f in chat._fed:
+    assert model.kv.holds(chat.history())
+    for f in chat.history():
         (fresh.eval_embeddings if isinstance(f, np.ndarray) else fresh.eval_tokens)(f)
-    assert fresh.cache == model.llm.cache
     np.testing.assert_allclose(model.llm.logits(), fresh.logits(), atol=1e-4)
     fresh.close()
     model.close()

@@ -10,15 +10,16 @@ pytest.importorskip("onnxruntime")
 
 import tiny  # noqa: E402
 from llasm.runtime.chat import LLaSM  # noqa: E402
-from llasm.runtime.llm import EMBEDDING, LLM, ContextFull  # noqa: E402
+from llasm.runtime.kv import KVLedger  # noqa: E402
+from llasm.runtime.llm import LLM, ContextFull  # noqa: E402
 from llasm.runtime.token_rows import TokenRows, TokenRowsError  # noqa: E402
 
 
 def _cache_matches_history(model, chat):
-    """The KV cache holds exactly the chat's record, and a fresh replay of it gives the same logits."""
-    assert model.llm.n_past == sum(len(f) for f in chat._fed)
+    """The KV cache holds exactly the chat's history, and a fresh replay of it gives the same logits."""
+    assert model.kv.holds(chat.history())
     fresh = LLM(model.bundle.llm, n_ctx=model.llm.n_ctx)
-    for f in chat._fed:
+    for f in chat.history():
         (fresh.eval_embeddings if isinstance(f, np.ndarray) else fresh.eval_tokens)(f)
     np.testing.assert_allclose(fresh.logits(), model.llm.logits(), atol=1e-4)
     fresh.close()
@@ -147,21 +148,23 @@ def test_the_llm_knows_whether_its_logits_are_those_of_its_last_position(bundle)
 
 def test_a_spoken_turn_is_one_decode_with_the_per_segment_result(bundle):
     model = LLaSM.load(bundle)
-    llm = model.llm
+    llm, kv = model.llm, model.kv
     assert llm.token_rows is not None  # warm_up checked the GGUF's token rows against the token path
     head, tail = llm.tokenize("<|im_start|>user\n"), llm.tokenize("<|im_end|>\n<|im_start|>assistant\n")
     audio = model.encoder(tiny.speech(1.2))
     items = [head, audio, llm.tokenize("\nWhat is it?"), tail]
-    start, decodes = llm.n_past, llm.decodes
-    llm.eval(items)
+    start, decodes = kv.size, llm.decodes
+    kv.extend(items)
     assert llm.decodes == decodes + 1
-    assert llm.cache[start:] == head + [EMBEDDING] * len(audio) + items[2] + tail  # token ids stay reusable
+    assert kv.holds(kv.header + items)
+    assert kv.common(kv.header + [head, audio[:2], llm.tokenize("Other")]) == start + len(head) + 2  # text fed as
+    #                                                                      its token rows is still known by its ids
     fresh = LLM(model.bundle.llm, n_ctx=llm.n_ctx)  # no warm_up: no token rows, one decode per segment
-    fresh.eval_tokens(llm.cache[:start])
+    fresh_kv = KVLedger(fresh, header=kv.header)
     decodes = fresh.decodes
-    fresh.eval(items)
+    fresh_kv.extend(items)
     assert fresh.decodes == decodes + 3  # adjacent token lists still go together
-    assert fresh.cache == llm.cache
+    assert fresh_kv.holds(kv.header + items)
     np.testing.assert_allclose(fresh.logits(), llm.logits(), atol=1e-4)
     fresh.close()
     model.close()

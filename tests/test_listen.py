@@ -79,28 +79,25 @@ def test_rows_do_not_depend_on_how_the_audio_arrives(model):
     lis.cancel()
 
 
-def test_the_answer_keeps_the_head_start_and_equals_answering_the_same_rows_at_once(model, bundle, monkeypatch):
+def test_the_answer_keeps_the_head_start_and_equals_answering_the_same_rows_at_once(model, bundle):
     chat = model.chat()
     chat.send(text="hello", max_tokens=3)
     lis = chat.listen(step_rows=3, context_rows=4, lookahead_rows=2)
     x = np.concatenate([np.zeros(int(0.5 * SR), np.float32), tiny.speech(2.0, seed=5)])
     heard(lis, x, block=1600)
-    prefilled = []
-    real = chat._prefill
-    monkeypatch.setattr(chat, "_prefill", lambda items: (prefilled.append(sum(map(len, items))), real(items)))
     text, reply = answer(lis, text="and then?")
     turn, rows = chat.exchanges[-1].user, chat.exchanges[-1].rows
-    feed = chat._feed(turn, rows, start=False)
-    assert lis.rows_ahead > 0
-    header = sum(map(len, chat._prefix()))  # the user turn's markup
-    assert not lis.answered_ahead and sum(prefilled) == sum(map(len, feed)) - header - lis.rows_ahead
+    feed = chat.feed(turn, rows)
+    assert lis.rows_ahead > 0 and isinstance(feed[1], np.ndarray)
+    header = len(feed[0])  # the user turn's markup
+    assert not lis.answered_ahead and reply.prefilled == sum(map(len, feed)) - header - lis.rows_ahead
     _cache_matches_history(model, chat)
     assert reply.audio_seconds == pytest.approx(turn.parts[0].size / SR)
 
     fresh = LLaSM.load(bundle)  # the same history and rows, prefilled at once
     again = fresh.chat()
     again.send(text="hello", max_tokens=3)
-    want = "".join(again._generate(turn, rows, Reply(""), 0.0, 0.0, 0.0, 4, 0.0, 0))
+    want = "".join(again.respond(turn, rows, max_tokens=4))
     assert text == want
     fresh.close()
 
@@ -108,18 +105,18 @@ def test_the_answer_keeps_the_head_start_and_equals_answering_the_same_rows_at_o
 def test_cancel_and_a_silent_turn_leave_the_conversation_as_it_was(model):
     chat = model.chat()
     chat.send(text="hello", max_tokens=3)
-    before = (len(chat.exchanges), list(model.llm.cache))
+    before = (len(chat.exchanges), model.kv.size)
     lis = chat.listen(step_rows=3, context_rows=4, lookahead_rows=2)
     heard(lis, np.concatenate([np.zeros(SR // 2, np.float32), tiny.speech(1.5, seed=6)]), block=4000)
-    assert lis.rows_ahead > 0 and model.llm.n_past > len(before[1])
+    assert lis.rows_ahead > 0 and model.kv.size > before[1]
     lis.cancel()
-    assert (len(chat.exchanges), model.llm.cache) == before
+    assert (len(chat.exchanges), model.kv.size) == before and model.kv.holds(chat.history())
 
     lis = chat.listen()
     heard(lis, np.zeros(2 * SR, np.float32), block=4000)
     with pytest.raises(AudioError, match="heard no speech"):
         answer(lis)
-    assert (len(chat.exchanges), model.llm.cache) == before
+    assert (len(chat.exchanges), model.kv.size) == before and model.kv.holds(chat.history())
     with pytest.raises(RuntimeError, match="answered already"):
         answer(lis)
     assert chat.send(text="still here", max_tokens=2).tokens == 2
@@ -177,7 +174,7 @@ def same_as_at_once(bundle, history, chat, text, logits=None):
         again.send(text=t, max_tokens=3)
     ex = chat.exchanges[-1]
     with sampled() as seen:
-        assert "".join(again._generate(ex.user, ex.rows, Reply(""), 0.0, 0.0, 0.0, 4, 0.0, 0)) == text
+        assert "".join(again.respond(ex.user, ex.rows, max_tokens=4)) == text
     if logits is not None:
         np.testing.assert_allclose(logits, seen[0], atol=1e-4)
     fresh.close()
@@ -196,21 +193,18 @@ def test_a_pause_after_speech_prefills_the_whole_turn_before_the_end(model, bund
     chat = model.chat()
     chat.send(text="hello", max_tokens=3)
     lis = paused_turn(chat)
-    prefilled = []
-    real = chat._prefill
-    monkeypatch.setattr(chat, "_prefill", lambda items: (prefilled.append(sum(map(len, items))), real(items)))
     passes = []
     final = lis.passes.final
     monkeypatch.setattr(lis.passes, "final", lambda *a: (passes.append(a), final(*a))[1])
     with sampled() as seen:
         text, reply = answer(lis)
-    assert prefilled == [] and passes == []  # no encoder pass, no decode: the guess's last decode has the logits
+    assert reply.prefilled == 0 and passes == []  # no encoder pass, no decode: the guess's last decode has the logits
     assert reply.audio_seconds == pytest.approx(1.9)  # the speech and its trim margins (0.2 s each side)
     _cache_matches_history(model, chat)
     same_as_at_once(bundle, ["hello"], chat, text, logits=seen[0])
 
 
-def test_after_a_pause_logits_overwritten_since_are_computed_again(model, bundle, monkeypatch):
+def test_after_a_pause_logits_overwritten_since_are_computed_again(model, bundle):
     """The KV cache still holds the turn, but llama.cpp's logits are another decode's: the last position is
     decoded again."""
     chat = model.chat()
@@ -220,12 +214,9 @@ def test_after_a_pause_logits_overwritten_since_are_computed_again(model, bundle
     n = llm.n_past
     llm.eval_tokens(llm.tokenize("Something else"))
     llm.truncate(n)
-    prefilled = []
-    real = chat._prefill
-    monkeypatch.setattr(chat, "_prefill", lambda items: (prefilled.append(sum(map(len, items))), real(items)))
     with sampled() as seen:
-        text, _ = answer(lis)
-    assert prefilled == [1]
+        text, reply = answer(lis)
+    assert reply.prefilled == 1
     same_as_at_once(bundle, ["hello"], chat, text, logits=seen[0])
 
 

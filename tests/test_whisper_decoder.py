@@ -385,10 +385,38 @@ def test_history_is_the_conversation_the_chat_starts_from(model):
     llm.truncate(0)
     llm.eval_tokens(llm.tokenize(text))
     np.testing.assert_allclose(seen[0], llm.logits(), atol=1e-4)
-    model.owner = None  # the KV cache no longer holds any chat's history
     with pytest.raises(ValueError, match="history holds"):
         model.chat(history=[("a", 1)])
     assert math.isfinite(float(seen[0].max()))
+
+
+def test_transcriptions_between_chat_turns_leave_the_chat_its_history(model, llm_gguf):
+    """Transcriptions (their own system prompt and examples) between two turns of a chat: the second keeps the
+    examples the first left in the KV cache, the chat's next turn computes only itself (the ledger parked its
+    history and puts it back), and its first token's logits are those of its whole prompt computed at once."""
+    from test_listen import sampled
+
+    from llasm.runtime.kv import size
+
+    kv, b = model.kv, model.bundle
+    chat = model.chat()
+    chat.send(text="What is the capital of France?", max_tokens=3)
+    examples = model.chat(system=b.transcribe_system, history=b.transcribe_examples).history()
+    assert size(examples) > size(chat.history()) > 16
+    model.transcribe(tiny.speech(1.0, seed=2), max_tokens=4)
+    assert kv.common(examples) == size(examples)
+    computed = kv.computed
+    model.transcribe(tiny.speech(1.2, seed=4), max_tokens=4)
+    assert kv.computed - computed <= kv.size - size(examples)  # the examples were not computed again
+    before = chat.history()
+    with sampled() as seen:
+        reply = chat.send(text="And of Spain?", max_tokens=3)
+    prompt = chat.history()[:-1]  # history and turn, without the answer
+    assert reply.prefilled == size(prompt) - size(before)
+    fresh = LLM(llm_gguf, n_ctx=model.llm.n_ctx)
+    fresh.eval_tokens([t for item in prompt for t in item])  # a text-only chat: tokens all
+    np.testing.assert_allclose(seen[0], fresh.logits(), atol=1e-4)
+    fresh.close()
 
 
 def test_the_default_release_builds_without_torch_and_again_when_it_changes(whisper_dir, llm_gguf, tmp_path):
