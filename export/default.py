@@ -121,4 +121,4 @@ def _build_release(out: Path) -> None:
                          provenance={"base": cfg["base"], "release": RELEASE_NAME,
                                      "release_digest": release_digest()},
                          probe=SAMPLES / probe["audio"] if probe.get("audio") else None, expect=probe.get("expect"),
-                         overwrite=True)
+                         precision=cfg.get("precision", "int8"), overwrite=True)

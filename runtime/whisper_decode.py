@@ -245,7 +245,7 @@ class Transcriber:
             logits, hidden, past = self._step([token], past, cross)
         avg = logprob / max(len(heard.tokens), 1)
         if no_speech > NO_SPEECH_P and avg < NO_SPEECH_LOGPROB:  # Whisper's test: nothing was said
-            log.info("Whisper heard no speech (p %.2f, mean log-probability %.2f)", no_speech, avg)
+            log.debug("Whisper heard no speech (p %.2f, mean log-probability %.2f)", no_speech, avg)
             return Heard(lang=lang, no_speech=no_speech, hidden=np.zeros((0, hidden.size), np.float32))
         if tops:
             heard.top_ids, heard.top_p, heard.hidden = np.stack(tops), np.stack(probs), np.stack(states)

@@ -60,7 +60,7 @@ def llm_gguf(tmp_path_factory):
 def bundle(whisper_dir, llm_gguf, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "wd"
     report = build_whisper_bundle(whisper_dir, llm_gguf, out, provenance={"test": True})
-    assert set(report.checks) == {"probe_heard", "probe_lang", "probe_rows"}
+    assert set(report.checks) == {"int8", "probe_heard", "probe_lang", "probe_rows"}
     return out
 
 
@@ -468,3 +468,45 @@ def test_json_shows_what_whisper_heard(bundle, model, tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["heard"] == model.encoder.transcriber(tiny.speech(1.0, seed=4)).text and out["heard"]
+
+
+@pytest.mark.parametrize("agrees", [True, False])
+def test_int8_graphs_ship_only_where_they_hear_as_the_float_ones(whisper_dir, llm_gguf, tmp_path, monkeypatch, agrees):
+    import onnx
+
+    from llasm.export import whisper_bundle
+
+    seen = []
+
+    def check(reference, quantized, vocab, geometry, clips, cfg):
+        seen.append((reference, quantized, len(clips)))
+        assert all(p.is_file() for p in reference + quantized)
+        return None if agrees else "probe 0: int8 heard 'x', the float graphs 'y'"
+
+    monkeypatch.setattr(whisper_bundle, "int8_agrees", check)
+    out = tmp_path / "b"
+    report = build_whisper_bundle(whisper_dir, llm_gguf, out, precision="int8")
+    manifest = json.loads((out / "manifest.json").read_text())
+    ops = {n.op_type for n in onnx.load(out / "text_decoder.onnx").graph.node}
+    assert len(seen) == 1 and seen[0][2] == 1  # no probe given: the synthetic clip only
+    assert ("MatMulInteger" in ops) is agrees
+    assert ("int8" in manifest["files"]["text_decoder"]["precision"]) is agrees
+    assert report.checks["int8"] == ("agrees with the float graphs on the probes" if agrees else
+                                     "probe 0: int8 heard 'x', the float graphs 'y'")
+    assert sorted(p.name for p in out.iterdir()) == ["audio_encoder.onnx", "llm.gguf", "manifest.json",
+                                                     "text_decoder.onnx", "whisper_tokens.json"]
+
+
+def test_int8_quality_check_compares_transcripts(whisper_dir, graphs, vocab, tmp_path):
+    from llasm.export.whisper_bundle import int8_agrees, quantized_graphs
+
+    cfg = {"languages": ["en", "zh"], "pad_seconds": 0.5}
+    geometry = AudioGeometry(rows="tokens")
+    clips = [tiny.speech(1.0, seed=1)]
+    assert int8_agrees(graphs, graphs, vocab, geometry, clips, cfg) is None  # a graph agrees with itself
+    q = quantized_graphs(whisper_dir, tmp_path)
+    assert all(p.is_file() for p in q) and not (tmp_path / "float32").exists()
+    other = tmp_path / "other"
+    tiny.ct2_whisper(other, seed=7)  # another Whisper hears the clip otherwise
+    far = write_graphs(other, other)[:2]
+    assert int8_agrees(graphs, far, vocab, geometry, clips, cfg).startswith("probe 0: int8 heard")
