@@ -95,7 +95,7 @@ def ensure_default_bundle(rebuild: bool = False) -> Path:
         log.warning("rebuilding the default bundle: %s", why)
     log.info("building the default bundle once into %s (a minute or two)", out)
     if fmt == "llasm-release":
-        _build_release(out)
+        build_release(RELEASE, out, overwrite=True, name=RELEASE_NAME)
     else:
         from .bundle import export_bundle
 
@@ -110,15 +110,23 @@ def _local_path(spec: str) -> Path:
     return packaged.resolve(spec) if packaged.is_package_spec(spec) else Path(spec)
 
 
-def _build_release(out: Path) -> None:
+def build_release(release, out, overwrite: bool = False, precision: str | None = None, name: str | None = None):
+    """A bundle from an llasm-release directory (its config.json and row_map.npz if any), torch-free; name: the
+    release mark its provenance carries (the shipped one's is RELEASE_NAME). -> the builder's report."""
     from .whisper_bundle import build_whisper_bundle
 
-    cfg = json.loads((RELEASE / "config.json").read_text(encoding="utf-8"))
-    probe = cfg.get("probe") or {}
-    row_map = RELEASE / "row_map.npz"
-    build_whisper_bundle(_local_path(cfg["base"]["whisper"]), _local_path(cfg["base"]["llm"]), out,
-                         adaptor=cfg["adaptor"], row_map=row_map if row_map.is_file() else None,
-                         provenance={"base": cfg["base"], "release": RELEASE_NAME,
-                                     "release_digest": release_digest()},
-                         probe=SAMPLES / probe["audio"] if probe.get("audio") else None, expect=probe.get("expect"),
-                         precision=cfg.get("precision", "int8"), overwrite=True)
+    release = Path(release)
+    if release_format(release) != "llasm-release":
+        raise ValueError(f"{release} is a training checkpoint, not an llasm-release")
+    cfg = json.loads((release / "config.json").read_text(encoding="utf-8"))
+    try:
+        probe, row_map = cfg.get("probe") or {}, release / "row_map.npz"
+        return build_whisper_bundle(_local_path(cfg["base"]["whisper"]), _local_path(cfg["base"]["llm"]), out,
+                                    adaptor=cfg["adaptor"], row_map=row_map if row_map.is_file() else None,
+                                    provenance={"base": cfg["base"], "release": name,
+                                                "release_digest": release_digest(release)},
+                                    probe=SAMPLES / probe["audio"] if probe.get("audio") else None,
+                                    expect=probe.get("expect"), precision=precision or cfg.get("precision", "int8"),
+                                    overwrite=overwrite)
+    except KeyError as e:
+        raise ValueError(f"{release / 'config.json'} lacks {e.args[0]!r}") from None

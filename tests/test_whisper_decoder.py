@@ -510,3 +510,34 @@ def test_int8_quality_check_compares_transcripts(whisper_dir, graphs, vocab, tmp
     tiny.ct2_whisper(other, seed=7)  # another Whisper hears the clip otherwise
     far = write_graphs(other, other)[:2]
     assert int8_agrees(graphs, far, vocab, geometry, clips, cfg).startswith("probe 0: int8 heard")
+
+
+def test_llasm_export_builds_a_release_as_first_use_does(whisper_dir, llm_gguf, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import llasm.export.default as default
+
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "config.json").write_text(json.dumps({
+        "format": "llasm-release", "version": 1, "adaptor": {"kind": "whisper-decoder"},
+        "base": {"whisper": str(whisper_dir), "llm": str(llm_gguf)}}))
+    monkeypatch.setattr(default, "RELEASE", release)
+    monkeypatch.setenv("LLASM_BUNDLE", str(tmp_path / "first-use"))
+    first_use = default.ensure_default_bundle()
+    r = subprocess.run([sys.executable, "-m", "llasm.cli.export", str(release), "-o", str(tmp_path / "exported")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "probe_heard" in r.stdout and "int8" in r.stdout
+    x = tiny.speech(1.1, seed=11)
+    replies = []
+    for path in (first_use, tmp_path / "exported"):
+        m = LLaSM.load(path)
+        reply = m.chat().send(audio=x, max_tokens=4)
+        replies.append((reply.heard, reply.text))
+        m.close()
+    assert replies[0] == replies[1]
+    bad = subprocess.run([sys.executable, "-m", "llasm.cli.export", str(release), "-o", str(tmp_path / "b"),
+                          "--onnx", "fp32"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "int8 or fp16" in bad.stderr
