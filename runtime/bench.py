@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import SAMPLE_RATE, load_audio
+from .mic import trim_silence
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +106,15 @@ DECODE_QUESTION = "Count from one to one hundred."
 
 def _sweep(cfg: BenchConfig, clips: list[np.ndarray], chat, ask) -> PathResult:
     """Per audio length: one warm-up, then `repeats` timed runs of ask(x) -> (first_token, encode, prefill, rows)
-    in ms (rows: LLM positions), each from a fresh conversation; medians."""
+    in ms (rows: LLM positions), each from a fresh conversation whose KV cache holds the system header only (an
+    earlier run's rows of the same audio would be reused); medians."""
     res = PathResult()
     for L in cfg.lengths:
         x = clip_of_length(clips, L)
         runs = []
         for i in range(cfg.repeats + 1):
             chat.reset()
+            chat.model.kv.forget()
             run = ask(x)
             if i:  # the first run is the warm-up
                 runs.append(run)
@@ -271,7 +274,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     from .bundle import read_bundle
 
     b = read_bundle(cfg.bundle)
-    clips = [load_audio(c) for c in cfg.clips]
+    clips = [trim_silence(load_audio(c), margin=0.0) for c in cfg.clips]  # speech end to end: an N-s crop is speech
+    clips = [c for c in clips if c.size]
     if not clips:
         raise ValueError("the benchmark needs at least one speech clip (--audio)")
     log.info("LLaSM path")

@@ -149,6 +149,12 @@ class KVLedger:
         self._keys += new
         self.computed += len(new)
 
+    def forget(self) -> None:
+        """Forget every conversation: the cache keeps the header only, and nothing is parked (a benchmark's runs
+        must not find their audio already computed)."""
+        self._parked = None
+        self.truncate(min(self.common(self.header), size(self.header)))
+
     def truncate(self, n: int) -> None:
         """Forget positions n and later."""
         self._check()
