@@ -58,20 +58,30 @@ class RowMap:
             got = self._single[whisper_id] = ids[0] if len(ids) == 1 and self.llm.piece(ids[0]) == piece else -1
         return got
 
-    def _spans(self, heard: Heard) -> tuple[bytes, list[int], dict]:
-        """(the transcript's bytes, trimmed; its LLM tokens; {(start, end) byte span: Whisper token index})."""
-        pieces = [self.vocab.pieces[t] for t in heard.tokens]
+    def _spans(self, heard: Heard, start: int, stop: int, first: bool) -> tuple[bytes, list[int], dict]:
+        """(the bytes of tokens start..stop, trimmed where they begin (first) and end the transcript; their LLM
+        tokens; {(start, end) byte span: Whisper token index})."""
+        pieces = [self.vocab.pieces[t] for t in heard.tokens[start:stop]]
         full = b"".join(pieces)
-        lead = len(full) - len(full.lstrip())
-        text = full.strip()
+        lead = len(full) - len(full.lstrip()) if first else 0
+        text = full[lead:].rstrip() if stop >= len(heard.tokens) else full[lead:]
         spans, at = {}, -lead
-        for i, p in enumerate(pieces):
+        for i, p in enumerate(pieces, start):
             spans[(max(at, 0), at + len(p))] = i  # the first word's leading blank is trimmed
             at += len(p)
         return text, self.llm.tokenize(text, special=False) if text else [], spans
 
     def __call__(self, heard: Heard) -> np.ndarray:
-        text, ids, spans = self._spans(heard)
+        return self.rows_of(heard)
+
+    def rows_of(self, heard: Heard, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows of Whisper tokens start..stop of `heard`: a transcript in parts (a listener's agreed words, then the
+        rest) gives the rows of the whole, where each part starts a word (the LLM's tokenizer splits before a
+        blank, and after sentence punctuation). The begin rows come with the first part, the end rows with the
+        last."""
+        stop = len(heard.tokens) if stop is None else stop
+        first, last = start == 0, stop >= len(heard.tokens)
+        text, ids, spans = self._spans(heard, start, stop, first)
         rows = self.table.rows(ids) if ids else np.zeros((0, self.n_embd), np.float32)
         if ids and (self.rows == "soft" or self.weight is not None):
             pieces = [self.llm.piece(t) for t in ids]
@@ -82,13 +92,13 @@ class RowMap:
             for j, piece in enumerate(pieces):
                 i = spans.get((at, at + len(piece)))
                 at += len(piece)
-                if i is None:
+                if i is None or i < heard.forced:  # a forced token has no candidates of its own
                     continue
                 if self.rows == "soft":
                     rows[j] = self._mix(heard, i, ids[j], rows[j])
                 if self.weight is not None:
                     rows[j] += self.weight @ heard.hidden[i] + self.bias
-        parts = [r for r in (self.begin, rows, self.end) if r is not None]
+        parts = [r for r in (self.begin if first else None, rows, self.end if last else None) if r is not None]
         return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
     def _mix(self, heard: Heard, i: int, token: int, row: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, load_audio
+from .audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, NoSpeech, load_audio
 from .chat import Reply
 from .kv import size
 from .mic import voiced_span
@@ -63,6 +63,12 @@ class Passes:
         self.kept: list[np.ndarray] = []  # rows kept so far, boundary rows aside
         self.k = 0  # rows kept
         self.begin = None  # the begin-of-audio row, (1, n_embd)
+
+    heard = None  # these rows hear no words
+
+    def fresh(self) -> "Passes":
+        """Passes of the same settings, none run yet."""
+        return Passes(self.encoder, self.step, self.context, self.lookahead)
 
     def point(self) -> int:
         """Samples of the turn's audio the next pass sees: STEP_ROWS more rows, and LOOKAHEAD_ROWS after them."""
@@ -102,12 +108,33 @@ class Passes:
         return rows
 
 
-def listened_rows(encoder, samples: np.ndarray, **kw) -> np.ndarray:
-    """The rows a Listener (trim=False) gives the LLM for `samples`, however they are fed."""
-    passes = Passes(encoder, **kw)
+def passes_for(encoder, **kw):
+    """The listening passes of an adaptor: Passes where rows stand for stretches of audio (stack-mlp), HeardPasses
+    where they are Whisper's words (whisper-decoder); None where rows need the whole turn (llasm-query)."""
+    if encoder.geometry.rows == "frames":
+        return Passes(encoder, **kw)
+    if encoder.geometry.rows == "tokens":
+        from .heard_passes import HeardPasses
+
+        return HeardPasses(encoder, **kw)
+    return None
+
+
+def listened(encoder, samples: np.ndarray, **kw) -> tuple:
+    """(rows, heard text or None) that a Listener (trim=False) gives the LLM for `samples`, however they are fed."""
+    passes = passes_for(encoder, **kw)
+    if passes is None:
+        rows, heard = encoder.encode_heard(encoder.features(samples))
+        return rows, heard.text if heard is not None else None
     while passes.point() <= samples.size and passes.point() <= passes.max_samples:
         passes.run(samples[:passes.point()])
-    return passes.final(samples)
+    rows = passes.final(samples)
+    return rows, passes.heard
+
+
+def listened_rows(encoder, samples: np.ndarray, **kw) -> np.ndarray:
+    """The rows a Listener (trim=False) gives the LLM for `samples`, however they are fed."""
+    return listened(encoder, samples, **kw)[0]
 
 
 class ListenedEncoder:
@@ -117,7 +144,7 @@ class ListenedEncoder:
     def __init__(self, encoder, **kw):
         self.encoder, self.kw = encoder, kw
         self.geometry, self.n_embd = encoder.geometry, encoder.n_embd
-        Passes(encoder, **kw)  # bad settings fail here
+        passes_for(encoder, **kw)  # bad settings fail here
 
     def features(self, samples: np.ndarray) -> list:
         return [samples]  # the passes compute their own
@@ -126,13 +153,19 @@ class ListenedEncoder:
         return listened_rows(self.encoder, parts[0], **self.kw)
 
     def encode_heard(self, parts: list) -> tuple:
-        """As encode; an adaptor whose rows do not stream is given the whole clip, as a Listener gives it."""
-        if not self.geometry.streams:
-            return self.encoder.encode_heard(self.encoder.features(parts[0]))
-        return self.encode(parts), None
+        """As encode, and what Whisper heard (whisper-decoder), as a Listener gives them."""
+        rows, heard = listened(self.encoder, parts[0], **self.kw)
+        return rows, (None if heard is None else _Heard(heard))
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         return listened_rows(self.encoder, samples, **self.kw)
+
+
+class _Heard:
+    """What a listened turn heard, where Chat.stream expects a Heard: its text."""
+
+    def __init__(self, text: str):
+        self.text = text
 
 
 class Listener:
@@ -140,22 +173,22 @@ class Listener:
 
     def __init__(self, chat, trim: bool = True, **kw):
         self.chat = chat
-        self.passes = Passes(chat.model.encoder, **kw)
+        self.passes = passes_for(chat.model.encoder, **kw)
         self.trim = trim
-        self.check = self.passes.row  # samples between looks at the audio (where speech starts, whether it ended)
+        self.check = self.passes.row if self.passes else 2560  # samples between looks at the audio
         self._cond = threading.Condition()
         self._blocks: list[np.ndarray] = []
         self._n = 0  # samples fed
         self._start = None if trim else 0  # sample where the turn's audio starts, once known
-        self._next = self.check if trim else self.passes.point()  # samples the worker's next look sees
+        self._next = self.check if trim or not self.passes else self.passes.point()  # what the next look sees
         self._closed = False
         self._stopped = False  # the worker has stopped listening ahead
         self._ahead: list = []  # the feed of this turn so far that the KV cache holds after the chat's history
-        self._guess = (None, None, None)  # (start, end, rows) of the audio last prefilled whole, speech seeming over
+        self._guess = (None, None, None, None)  # (start, end, rows, heard) of the audio last prefilled whole
         self._answered = False
         self._worker = None
-        if not chat.model.encoder.geometry.streams:  # rows must map to stretches of audio: not the query adaptor's,
-            self._stopped = True  # not Whisper's transcript; answer() does all the work
+        if self.passes is None:  # rows need the whole turn (the query adaptor's): answer() does all the work
+            self._stopped = True
         else:
             self._worker = threading.Thread(target=self._run, name="llasm-listener", daemon=True)
             self._worker.start()
@@ -232,9 +265,13 @@ class Listener:
             ok = True
             guessed = self._guess[0] == self._start and self._near(span[1], self._guess[1])
             if MIN_SAMPLES <= x.size <= self.passes.max_samples and not guessed:
-                rows = self.passes.final(x)
-                ok = self._reach(self.chat.feed(Turn("user", (x,)), [rows]))
-                self._guess = (self._start, span[1], rows)
+                try:
+                    rows = self.passes.final(x)
+                except NoSpeech:  # nothing said yet that Whisper would call speech: wait for more
+                    rows = None
+                if rows is not None:
+                    ok = self._reach(self.chat.feed(Turn("user", (x,)), [rows]))
+                    self._guess = (self._start, span[1], rows, self.passes.heard)
             self._next = audio.size + self.check  # the passes wait: speech may go on, and they catch up then
             return ok
         ok = True
@@ -286,9 +323,9 @@ class Listener:
             span = voiced_span(audio)
             if span is None:
                 raise AudioError("heard no speech: the recording is silent")
-            if not self._near(span[0], self._start):
+            if not self._near(span[0], self._start) and self.passes is not None:
                 start = span[0]
-                self.passes = Passes(self.passes.encoder, self.passes.step, self.passes.context, self.passes.lookahead)
+                self.passes = self.passes.fresh()
             end = self._guess[1] if start == self._guess[0] and self._near(span[1], self._guess[1]) else span[1]
         return start, end
 
@@ -316,9 +353,22 @@ class Listener:
             raise
         reply.audio_seconds = x.size / SAMPLE_RATE
         timings = {"features": 0.0, "encode": 0.0}
-        if self._guess[:2] == (start, end):  # speech was over when it seemed over: the rows are computed already
-            rows = self._guess[2]
-        else:
-            rows = self.passes.final(x, timings)
+        try:
+            if self._guess[:2] == (start, end):  # speech was over when it seemed over: the rows are computed already
+                rows, reply.heard = self._guess[2], self._guess[3]
+            elif self.passes is None:
+                a = time.perf_counter()
+                mels = self.chat.model.encoder.features(x)
+                b = time.perf_counter()
+                rows, heard = self.chat.model.encoder.encode_heard(mels)
+                timings.update(features=1e3 * (b - a), encode=1e3 * (time.perf_counter() - b))
+                reply.heard = heard.text if heard is not None else None
+            else:
+                rows = self.passes.final(x, timings)
+                reply.heard = self.passes.heard
+        except AudioError:
+            self.cancel()
+            raise
+        reply.audio_rows = len(rows)
         turn = Turn("user", (x,) + ((text,) if text else ()))
         yield from self.chat.respond(turn, [rows], max_tokens, temperature, seed, reply, started=t0, timings=timings)

@@ -132,6 +132,7 @@ class Heard:
     no_speech: float = 0.0  # of the first pass
     looped: bool = False
     capped: bool = False
+    forced: int = 0  # the first tokens were given, not decoded (a listener's agreed prefix)
 
     def extend(self, other: "Heard") -> None:
         self.tokens += other.tokens
@@ -205,21 +206,28 @@ class Transcriber:
             "cross_k": cross[0], "cross_v": cross[1]})
         return logits[0], hidden[0], (k, v)
 
-    def decode(self, part: Pass, lang: str | None = None) -> Heard:
-        """One pass -> what Whisper heard in it."""
+    def decode(self, part: Pass, lang: str | None = None, prefix: tuple = ()) -> Heard:
+        """One pass -> what Whisper heard in it. prefix: tokens the transcript starts with, fed in one call with
+        the prompt and never doubted (a listener's tokens agreed on while the user spoke): only the rest is decoded
+        step by step. Their candidates are themselves alone, their states zeros."""
         sp = self.vocab.specials
         cross = tuple(self.encoder.run(None, {"mel": part.mel}))
         empty = np.zeros((self.n_layers, 1, self.n_heads, 0, self.d_head), np.float32)
-        logits, _, past = self._step([sp["startoftranscript"]], (empty, empty), cross)
+        logits, hidden, past = self._step([sp["startoftranscript"]], (empty, empty), cross)
         p0 = _softmax(logits)
         no_speech = float(p0[sp["nospeech"]]) if "nospeech" in sp else 0.0
         if lang is None:
             lang = max(self.languages, key=lambda code: logits[self.vocab.languages[code]])
-        logits, hidden, past = self._step([self.vocab.languages[lang], sp["transcribe"], sp["notimestamps"]], past,
-                                          cross)
+        prefix = [int(t) for t in prefix]
+        logits, hidden, past = self._step([self.vocab.languages[lang], sp["transcribe"], sp["notimestamps"]] + prefix,
+                                          past, cross)
         cap = int(MAX_TOKENS_PER_S * part.seconds) + MIN_TOKEN_CAP
-        heard = Heard(lang=lang, no_speech=no_speech)
-        tops, probs, states, logprob = [], [], [], 0.0
+        heard = Heard(tokens=list(prefix), lang=lang, no_speech=no_speech, forced=len(prefix))
+        tops = [np.array([t] + [t] * (TOP_K - 1)) for t in prefix]
+        probs = [np.array([1.0] + [0.0] * (TOP_K - 1), np.float32) for _ in prefix]
+        states, logprob = [np.zeros(hidden.size, np.float32) for _ in prefix], 0.0
+        if no_speech > NO_SPEECH_P and prefix:
+            no_speech = 0.0  # words were heard and agreed on already: this pass is not judged free of speech
         while True:
             z = np.where(self._never_first if not heard.tokens else self._never, -np.inf, logits)
             p = _softmax(z)
@@ -238,12 +246,12 @@ class Transcriber:
             logprob += math.log(max(float(p[token]), 1e-30))
             excess = loop_excess(heard.tokens, REPEATS, REPEAT_MIN_TOKENS)
             if excess:
-                keep = len(heard.tokens) - excess
+                keep = max(len(heard.tokens) - excess, heard.forced)
                 del heard.tokens[keep:], tops[keep:], probs[keep:], states[keep:]
                 heard.looped = True
                 break
             logits, hidden, past = self._step([token], past, cross)
-        avg = logprob / max(len(heard.tokens), 1)
+        avg = logprob / max(len(heard.tokens) - heard.forced, 1)
         if no_speech > NO_SPEECH_P and avg < NO_SPEECH_LOGPROB:  # Whisper's test: nothing was said
             log.debug("Whisper heard no speech (p %.2f, mean log-probability %.2f)", no_speech, avg)
             return Heard(lang=lang, no_speech=no_speech, hidden=np.zeros((0, hidden.size), np.float32))
@@ -256,11 +264,11 @@ class Transcriber:
     def __call__(self, samples: np.ndarray, lang: str | None = None) -> Heard:
         return self.transcribe(self.features(samples), lang)
 
-    def transcribe(self, passes: list[Pass], lang: str | None = None) -> Heard:
-        """Every pass decoded; the language is detected on the first and kept."""
+    def transcribe(self, passes: list[Pass], lang: str | None = None, prefix: tuple = ()) -> Heard:
+        """Every pass decoded; the language is detected on the first and kept; prefix: the first pass's (decode)."""
         heard = None
         for p in passes:
-            part = self.decode(p, lang if heard is None else heard.lang)
+            part = self.decode(p, lang if heard is None else heard.lang, prefix if heard is None else ())
             if heard is None:
                 heard = part
             else:

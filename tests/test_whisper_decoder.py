@@ -541,3 +541,97 @@ def test_llasm_export_builds_a_release_as_first_use_does(whisper_dir, llm_gguf, 
     bad = subprocess.run([sys.executable, "-m", "llasm.cli.export", str(release), "-o", str(tmp_path / "b"),
                           "--onnx", "fp32"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "int8 or fp16" in bad.stderr
+
+
+# ---- listening: Whisper transcribes while the user speaks --------------------------------------------------------
+
+SENTENCE = [256 + 3, 256 + 4, 256 + 2, 32] + [ord(c) for c in "France"] + [256 + 8]  # What is the France?
+#           "France" letter by letter: a word of several tokens, which passes must not cut
+
+
+class PositionDecoder(ScriptedDecoder):
+    """A decoder that says SENTENCE whatever it hears: token i of the transcript comes at position 4 + i, certain
+    where the audio so far is long enough for it (1 s for 3 tokens), then the end."""
+
+    def __init__(self, n_vocab, seconds):
+        super().__init__(n_vocab, None)
+        self.seconds = seconds  # of the audio being decoded, set before each pass
+
+    def run(self, _, feeds):
+        n = feeds["past_k"].shape[3] + feeds["tokens"].shape[1]
+        self.script = lambda step, fed, z: self.say(n - 4, z)
+        return super().run(_, feeds)
+
+    def say(self, i, z):
+        if i < 0:
+            return
+        heard = min(len(SENTENCE), int(3 * self.seconds()))
+        z[SENTENCE[i] if i < heard else 268] = 9.0
+        if i < heard:
+            z[256 + 9] = 7.0  # " Paris", a doubt behind every word
+
+
+@pytest.fixture
+def said(model):
+    """The model's Whisper decoder says SENTENCE as far as the audio it is given reaches."""
+    tr = model.encoder.transcriber
+    features, decoder = tr.features, tr.decoder
+    length = {"s": 0.0}
+
+    def measured(samples):
+        length["s"] = samples.size / 16000
+        return features(samples)
+
+    tr.features = measured
+    tr.decoder = PositionDecoder(len(tr.vocab.pieces), lambda: length["s"])
+    yield
+    tr.features, tr.decoder = features, decoder
+
+
+def test_listening_keeps_agreed_words_and_answers_as_the_whole_clip(model, said):
+    from test_listen import sampled
+
+    x = tiny.speech(4.0, seed=12)
+    with sampled() as whole:
+        reply = model.chat().send(audio=x, max_tokens=3)
+    assert reply.heard == "What is the France?"
+    chat = model.chat()
+    listener = chat.listen(trim=False)
+    for i in range(0, x.size, 1600):
+        listener.feed(x[i:i + 1600])
+        listener.wait(30)
+    passes = listener.passes
+    assert passes.agreed == SENTENCE[:3]  # the passes agreed on more, but "France" had not ended
+    assert listener.rows_ahead >= sum(len(r) for r in passes.kept) > 0  # prefilled while it was spoken
+    from llasm.runtime.chat import Reply
+
+    got = Reply("")
+    with sampled() as listened:
+        text = "".join(listener.answer(max_tokens=3, _reply=got))
+    assert text == reply.text and got.heard == reply.heard and got.audio_rows == reply.audio_rows
+    np.testing.assert_allclose(listened[0], whole[0], atol=1e-4)
+    assert got.prefilled < reply.prefilled  # the kept rows were in the KV cache already
+
+
+def test_eval_listen_gives_what_a_listener_gives(model, said):
+    from llasm.runtime.listen import ListenedEncoder, listened
+
+    x = tiny.speech(4.0, seed=13)
+    rows, heard = listened(model.encoder, x)
+    assert heard == "What is the France?"
+    enc = ListenedEncoder(model.encoder)
+    got, h = enc.encode_heard(enc.features(x))
+    np.testing.assert_array_equal(got, rows)
+    assert h.text == heard
+
+
+def test_agreed_words_end_where_a_word_or_clause_ends(model):
+    from llasm.runtime.heard_passes import HeardPasses
+
+    p = HeardPasses(model.encoder)
+    f, r, a, n, c = ord("F"), ord("r"), ord("a"), ord("n"), ord("c")
+    tokens = [256 + 3, 256 + 4, 32, f, r, a, n, c, 256 + 8]  # "What is France?" with "France" in letters
+    starts = [j for j in range(len(tokens) + 1) if p._starts_word(tokens, j)]
+    assert starts == [1, 2]  # " is", and the blank before "France": never inside it, never at the end
+    zh = list("你好，世界".encode())  # Mandarin has no blanks: a clause ends after its comma
+    assert [j for j in range(len(zh)) if p._starts_word(zh, j)] == [9]
