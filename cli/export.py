@@ -25,8 +25,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     with one_line_errors("llasm-export"):
+        from pathlib import Path
+
         from ..export.default import build_release, release_format
 
+        if not (Path(args.checkpoint) / "config.json").is_file():
+            raise ValueError(f"{args.checkpoint} is not a checkpoint or a release: it has no config.json")
         if release_format(args.checkpoint) == "llasm-release":
             if args.onnx == "fp32":
                 p.error("a release's Whisper graphs are int8 or fp16 (float16 weights, float32 compute)")
