@@ -245,8 +245,8 @@ class Chat:
 
     def ask(self, turn: Turn, max_tokens: int = 512, temperature: float = 0.0, seed: int = 0,
             stop: Sequence[str] = (), reply: Reply | None = None, started: float | None = None) -> Iterator[str]:
-        """Text pieces of the answer to a user turn of text and audio parts, in any order and number (audio: a path,
-        the bytes of an audio file, or 16 kHz samples). reply: filled in as the answer ends."""
+        """Text pieces of the answer to a user turn of text and audio parts, in any order and number (audio: a Path,
+        the bytes of an audio file, or 16 kHz samples; a str is text). reply: filled in as the answer ends."""
         reply = reply if reply is not None else Reply("")
         if turn.role != "user" or not turn.parts:
             raise ValueError(f"a turn is a user Turn with audio, text or both, got {turn!r}")

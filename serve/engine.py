@@ -6,8 +6,11 @@ A client sends its whole conversation with every request. Each is answered by a 
 conversation that goes on computes only its new turn; and the model keeps the rows of recent clips (rows_cache), so
 its audio is not encoded again. The answer depends on the request only, never on what was served before it.
 
-Why not N llama.cpp slots: on a 2-core machine one decode already uses both cores; parallel sequences would share
-them (llasm-serve's figures: SERVE_FIGURES.md), and the ledger would need a record per sequence.
+Why not N llama.cpp slots (parallel sequences, decoded in one batch): measured on 2 cores with the default bundle,
+one decode of 4 tokens costs 1.4x one of 1 token, so 4 slots could give up to ~2.8x the tokens per second of long
+answers; but a spoken request spends most of its time in Whisper and the prefill, which use both cores already (59
+requests a minute with 2 clients and with 4), and each slot would need its own KV ledger. Worth it only where
+several clients want long answers at once.
 
 Work reports to the client through emit(event), called on the worker thread, in order:
     ("piece", text)...   then   ("done", result)   or   ("error", exception)
