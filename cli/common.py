@@ -41,3 +41,16 @@ def fail(prog: str, e: BaseException, code: int = 1):
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"{prog}: error: {msg}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def default_bundle():
+    """The default bundle's directory, built on first use (showing its progress: it takes a minute)."""
+    from ..export.default import ensure_default_bundle
+
+    llasm_log = logging.getLogger("llasm")
+    level = llasm_log.level
+    llasm_log.setLevel(logging.INFO)
+    try:
+        return ensure_default_bundle()
+    finally:
+        llasm_log.setLevel(level)

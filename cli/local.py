@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import json
 import shlex
 import sys
 import threading
 
-from .common import fail, known_errors, setup_logging
+from .common import default_bundle, fail, known_errors, setup_logging
 
 PROG = "llasm-local"
 HELP = """commands:
@@ -153,18 +152,6 @@ def interactive(chat, args, recorder=None, read_line=input, err=None) -> None:
             print(f"error: {str(e).strip().splitlines()[0]}", file=err)
 
 
-def _default_bundle():
-    from ..export.default import ensure_default_bundle
-
-    llasm_log = logging.getLogger("llasm")
-    level = llasm_log.level
-    llasm_log.setLevel(logging.INFO)  # a first-use build takes a minute: show its progress
-    try:
-        return ensure_default_bundle()
-    finally:
-        llasm_log.setLevel(level)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog=PROG, description="Ask a LLaSM bundle with speech and/or text, offline.")
     p.add_argument("--bundle", help="bundle directory (default: the default bundle)")
@@ -203,7 +190,7 @@ def main(argv=None) -> None:
         if args.mic:
             input_device(args.mic_device)  # so does a missing microphone (without --mic, text still works)
 
-        bundle = args.bundle or _default_bundle()
+        bundle = args.bundle or default_bundle()
         model = LLaSM.load(bundle, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
         if args.transcribe:
             text = model.transcribe(args.audio)

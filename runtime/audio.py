@@ -13,6 +13,7 @@ Whisper's encoder has a table of 1500 positions (30 s); longer audio is cut into
 """
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,22 +129,34 @@ class NoSpeech(AudioError):
 MIN_SAMPLES = SAMPLE_RATE // 10  # 0.1 s: shorter input carries no speech
 
 
+def _read(file, what: str) -> tuple[np.ndarray, int]:
+    """(mono float32 samples, sample rate) of an audio file (a path or a file object) as soundfile reads it."""
+    try:
+        import soundfile
+    except ImportError as e:  # pragma: no cover - soundfile is a core dependency
+        raise AudioError("reading audio files needs soundfile: pip install soundfile") from e
+    try:
+        data, sample_rate = soundfile.read(file, dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+        raise AudioError(f"cannot read audio from {what}: {(str(e).strip() or type(e).__name__).splitlines()[0]}") \
+            from None
+    return data.mean(axis=1), sample_rate
+
+
 def load_audio(source, sample_rate: int | None = None) -> np.ndarray:
-    """Return float32 mono samples at 16 kHz from a path or an array (with its sample_rate)."""
+    """Return float32 mono samples at 16 kHz from a path, the bytes of an audio file (wav, flac, ogg, mp3: what
+    soundfile reads), or an array (with its sample_rate)."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise AudioError(f"audio file not found: {path}")
-        try:
-            import soundfile
-        except ImportError as e:  # pragma: no cover - soundfile is a core dependency
-            raise AudioError("reading audio files needs soundfile: pip install soundfile") from e
-        try:
-            data, sample_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-        except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
-            raise AudioError(f"cannot read audio from {path}: {str(e).splitlines()[0]}") from None
-        samples = data.mean(axis=1)
         what = str(path)
+        samples, sample_rate = _read(what, what)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        what = f"{len(source)} bytes of audio"
+        if not len(source):
+            raise AudioError("the audio is empty (0 bytes)")
+        samples, sample_rate = _read(io.BytesIO(bytes(source)), what)
     else:
         samples = np.asarray(source)
         if samples.ndim == 2:  # (n, channels) like soundfile

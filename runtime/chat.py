@@ -16,13 +16,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from .audio import SAMPLE_RATE, NoSpeech, load_audio
 from .bundle import Bundle, BundleError, read_bundle
-from .encoder import AudioEncoder
+from .encoder import AudioEncoder, KeptRows
 from .kv import KVLedger, size
 from .llm import LLM, ContextFull
 from .loops import loop_excess
@@ -56,26 +56,40 @@ class Reply:
     #                           the LLM reads the audio's rows, never this text
     audio_rows: int = 0  # LLM positions the turn's audio took
     prefilled: int = 0  # KV positions computed before the first token (the rest of the prompt was in the cache)
+    prompt_positions: int = 0  # KV positions of the prompt answered: history and turn, audio rows included
+    finish: str = ""  # why the answer ended: "stop" (end of turn, a stop string, a loop), "length" (max_tokens or
+    #                   a full context), "cancelled" (Chat.cancel)
+
+
+@dataclass
+class Encoded:
+    """The audio parts of a turn as the LLM reads them."""
+
+    rows: list  # one (n, n_embd) array per audio part, in order
+    heard: str | None  # what Whisper heard in them (whisper-decoder bundles), None for adaptors that hear no words
+    timings: dict  # ms: features, encode (clips whose rows were kept cost none)
 
 
 TRANSCRIPT_TOKENS_PER_S = 10  # read speech in the training data: 3.2 (en) and 2.5 (zh) Qwen tokens/s, at most 6.4
 class LLaSM:
     """A loaded bundle: the audio encoder (onnxruntime) and the LLM (llama.cpp)."""
 
-    def __init__(self, bundle: Bundle, encoder: AudioEncoder, llm: LLM):
-        """Computes bos + the default system prompt into the KV cache: new conversations start from it."""
+    def __init__(self, bundle: Bundle, encoder: AudioEncoder, llm: LLM, rows_cache: int = 0):
+        """Computes bos + the default system prompt into the KV cache: new conversations start from it. rows_cache:
+        how many recently encoded clips keep their rows (0: none), for callers that give the same audio again."""
         self.bundle = bundle
         self.encoder = encoder
         self.llm = llm
+        self.kept = KeptRows(rows_cache) if rows_cache else None
         header = bundle.prompt.render([], add_generation_prompt=False)
         self.kv = KVLedger(llm, header=[llm.tokenize(seg.text) for seg in header])  # what the KV cache holds
         self.lock = threading.Lock()  # one llama.cpp context: one turn at a time
 
     @classmethod
     def load(cls, bundle=None, n_threads: int | None = None, n_gpu_layers: int = 0, n_ctx: int = 4096,
-             verify: bool = True, verbose: bool = False) -> "LLaSM":
+             verify: bool = True, verbose: bool = False, rows_cache: int = 0) -> "LLaSM":
         """bundle: a bundle directory. None: the default bundle, built on first use (that needs the export and base
-        extras). This is runtime's one use of export; it loads torch only to build."""
+        extras). This is runtime's one use of export; it loads torch only to build. rows_cache: see __init__."""
         if bundle is None:
             from ..export.default import ensure_default_bundle
 
@@ -96,11 +110,34 @@ class LLaSM:
             from .heard_rows import heard_encoder
 
             encoder = heard_encoder(b, llm, n_threads)
-        return cls(b, encoder, llm)
+        return cls(b, encoder, llm, rows_cache=rows_cache)
 
-    def chat(self, system: str | None = None, history=()) -> "Chat":
-        """A new conversation; history: (user text, assistant text) exchanges it starts from."""
-        return Chat(self, system, history)
+    def chat(self, system: str | None = None, history=(), drop_oldest: bool = True) -> "Chat":
+        """A new conversation; history: (user, assistant text) exchanges it starts from (see Chat)."""
+        return Chat(self, system, history, drop_oldest)
+
+    def encode(self, turn: Turn) -> Encoded:
+        """The rows of a turn's audio parts (16 kHz sample arrays, as load_audio returns them), and what was heard;
+        AudioError (NoSpeech) for audio the adaptor hears no words in. Kept rows are reused (rows_cache)."""
+        rows, heard, t_feat, t_enc = [], [], 0.0, 0.0
+        for part in turn.parts:
+            if isinstance(part, str):
+                continue
+            key = self.kept.key(part) if self.kept is not None else None
+            got = self.kept.get(key) if key is not None else None
+            if got is None:
+                a = time.perf_counter()
+                mels = self.encoder.features(part)
+                b = time.perf_counter()
+                r, h = self.encoder.encode_heard(mels)
+                t_feat += b - a
+                t_enc += time.perf_counter() - b
+                got = (r, None if h is None else h.text)
+                if key is not None:
+                    self.kept.put(key, *got)
+            rows.append(got[0])
+            heard += [got[1]] if got[1] is not None else []
+        return Encoded(rows, " ".join(heard) if heard else None, {"features": 1e3 * t_feat, "encode": 1e3 * t_enc})
 
     def transcribe(self, audio, sample_rate: int | None = None, max_tokens: int | None = None) -> str:
         """Speech to text through the LLM, with the bundle's transcribe instruction; leaves no history. A transcript
@@ -138,18 +175,26 @@ class Chat:
     from their stored embedding rows (audio is not re-encoded).
     """
 
-    def __init__(self, model: LLaSM, system: str | None = None, history=()):
-        """history: (user text, assistant text) exchanges the conversation starts from (examples for the model to
-        follow); they reach the KV cache with the first turn, and stay there for a conversation that starts alike."""
+    def __init__(self, model: LLaSM, system: str | None = None, history=(), drop_oldest: bool = True):
+        """history: (user, assistant text) exchanges the conversation starts from (examples for the model to follow,
+        or a conversation a client keeps): user is text, or a user Turn of text and audio parts (audio: what
+        load_audio reads; encoded now, AudioError for audio that cannot be used). They reach the KV cache with the
+        first turn, and stay there for a conversation that starts alike. drop_oldest: a turn that would overflow the
+        context drops the oldest exchanges (True) or raises ContextFull (False: the caller chose that history)."""
         self.model = model
         self.system = system
+        self.drop_oldest = drop_oldest
         self.exchanges: list[_Exchange] = []
         llm, end = model.llm, model.bundle.prompt.end_of_turn
         for user, assistant in history:
-            if not (isinstance(user, str) and isinstance(assistant, str)):
-                raise ValueError(f"history holds (user text, assistant text) pairs, got {(user, assistant)!r}")
+            if isinstance(user, str):
+                user = Turn("user", (user,))
+            if not (isinstance(user, Turn) and user.role == "user" and isinstance(assistant, str)):
+                raise ValueError(f"history holds (user text or user Turn, assistant text) pairs, got "
+                                 f"{(user, assistant)!r}")
+            user = _loaded(user)
             reply = llm.tokenize(assistant, special=False) + llm.tokenize(end)
-            self.exchanges.append(_Exchange(Turn("user", (user,)), [], reply, assistant))
+            self.exchanges.append(_Exchange(user, model.encode(user).rows, reply, assistant))
         self._fed: list = self._replay(self.exchanges)  # the history as the KV cache holds it: tokens and rows
         self._cancel = threading.Event()
         self.dropped = 0  # exchanges dropped to fit the context
@@ -183,36 +228,35 @@ class Chat:
         return reply
 
     def stream(self, audio=None, text: str | None = None, sample_rate: int | None = None, max_tokens: int = 512,
-               temperature: float = 0.0, seed: int = 0, _reply: Reply | None = None,
+               temperature: float = 0.0, seed: int = 0, stop: Sequence[str] = (), _reply: Reply | None = None,
                _turns: list[Turn] | None = None) -> Iterator[str]:
-        """Text pieces of the answer as they are generated."""
-        reply = _reply if _reply is not None else Reply("")
+        """Text pieces of the answer as they are generated. stop: strings that end the answer (left out of it)."""
         t0 = time.perf_counter()
         samples = None
         if audio is not None:
             samples = load_audio(audio, sample_rate)  # AudioError before anything changes
-            reply.audio_seconds = samples.size / SAMPLE_RATE
         elif text is None:
             raise ValueError("a turn needs audio, text or both")
         if _turns is not None:  # a one-off prompt (transcribe): its audio part is this turn's audio
             turn = Turn("user", tuple(samples if p is None else p for t in _turns for p in t.parts))
         else:
             turn = Turn("user", tuple(([samples] if samples is not None else []) + ([text] if text else [])))
-        rows, heard, t_feat, t_enc = [], [], 0.0, 0.0
-        for part in turn.parts:  # encode before touching the KV cache: bad audio changes nothing
-            if not isinstance(part, str):
-                a = time.perf_counter()
-                mels = self.model.encoder.features(part)
-                b = time.perf_counter()
-                r, h = self.model.encoder.encode_heard(mels)
-                rows.append(r)
-                heard += [h.text] if h is not None else []
-                t_feat += b - a
-                t_enc += time.perf_counter() - b
-        reply.heard = " ".join(heard) if heard else None
-        reply.audio_rows = sum(len(r) for r in rows)
-        yield from self.respond(turn, rows, max_tokens, temperature, seed, reply, started=t0,
-                                timings={"features": 1e3 * t_feat, "encode": 1e3 * t_enc})
+        yield from self.ask(turn, max_tokens, temperature, seed, stop, _reply, started=t0)
+
+    def ask(self, turn: Turn, max_tokens: int = 512, temperature: float = 0.0, seed: int = 0,
+            stop: Sequence[str] = (), reply: Reply | None = None, started: float | None = None) -> Iterator[str]:
+        """Text pieces of the answer to a user turn of text and audio parts, in any order and number (audio: a Path,
+        the bytes of an audio file, or 16 kHz samples; a str is text). reply: filled in as the answer ends."""
+        reply = reply if reply is not None else Reply("")
+        if turn.role != "user" or not turn.parts:
+            raise ValueError(f"a turn is a user Turn with audio, text or both, got {turn!r}")
+        turn = _loaded(turn)  # AudioError before anything changes
+        reply.audio_seconds = sum(p.size for p in turn.parts if not isinstance(p, str)) / SAMPLE_RATE
+        encoded = self.model.encode(turn)  # encode before touching the KV cache: bad audio changes nothing
+        reply.heard = encoded.heard
+        reply.audio_rows = sum(len(r) for r in encoded.rows)
+        yield from self.respond(turn, encoded.rows, max_tokens, temperature, seed, reply, started=started,
+                                timings=encoded.timings, stop=stop)
 
     def feed(self, turn: Turn, rows: list, through_audio: bool = False) -> list:
         """Token lists and row arrays of one user turn after the history, then the generation prompt (a new
@@ -246,7 +290,7 @@ class Chat:
         feed = self._feed(turn, rows, start=not self.exchanges)
         if size(self._fed) + size(feed) + reserve <= n_ctx:  # the KV cache's other contents don't count
             return feed
-        for drop in range(1, len(self.exchanges) + 1):
+        for drop in range(1, len(self.exchanges) + 1 if self.drop_oldest else 1):
             kept = self.exchanges[drop:]
             fed = self._replay(kept)
             feed = self._feed(turn, rows, start=not kept)
@@ -266,12 +310,13 @@ class Chat:
         return Listener(self, trim=trim, **kw)
 
     def respond(self, turn: Turn, rows: list, max_tokens: int = 512, temperature: float = 0.0, seed: int = 0,
-                reply: Reply | None = None, started: float | None = None, timings: dict | None = None
-                ) -> Iterator[str]:
+                reply: Reply | None = None, started: float | None = None, timings: dict | None = None,
+                stop: Sequence[str] = ()) -> Iterator[str]:
         """Text pieces of the answer to a user turn whose audio parts are encoded already (rows: one array per
         audio part, in order). Whatever the KV cache holds of history and turn already (a Listener's head start,
         a system prompt) is kept. reply: filled in as the answer ends; started: time.perf_counter() when the turn
-        began (default now); timings: ms spent on it so far (features, encode)."""
+        began (default now); timings: ms spent on it so far (features, encode); stop: strings that end the answer
+        (left out of it; text that may be the start of one is held back until it is known not to be)."""
         reply = reply if reply is not None else Reply("")
         t0 = time.perf_counter() if started is None else started
         kv, llm, prompt = self.model.kv, self.model.llm, self.model.bundle.prompt
@@ -280,6 +325,7 @@ class Chat:
             end = llm.tokenize(prompt.end_of_turn)
             feed = self._fit(turn, rows, reserve=min(max_tokens, llm.n_ctx // 4) + len(end))
             a = time.perf_counter()
+            reply.prompt_positions = size(self._fed) + size(feed)
             reply.prefilled = kv.load(self._fed + feed)  # a failure leaves the conversation as it was
             t_prefill = time.perf_counter() - a
             prefilled = kv.size
@@ -287,13 +333,19 @@ class Chat:
             decoder = codecs.getincrementaldecoder("utf-8")("replace")
             generated: list[int] = []  # sampled; those fed to the KV cache sit from position `prefilled` on
             text = ""
+            sent = 0  # characters of text handed out
             t_first = None
-            stops = prompt.stop
+            stops = prompt.stop + [s for s in stop if s]
             longest_stop = max((len(s) for s in stops), default=0)
+            reply.finish = "length"
             try:
-                while len(generated) < max_tokens and not self._cancel.is_set() and kv.size + len(end) < llm.n_ctx:
+                while len(generated) < max_tokens and kv.size + len(end) < llm.n_ctx:
+                    if self._cancel.is_set():
+                        reply.finish = "cancelled"
+                        break
                     token = _sample(llm.logits(copy=False), temperature, rng)
                     if llm.is_eog(token):
+                        reply.finish = "stop"
                         break
                     generated.append(token)
                     excess = loop_excess(generated)
@@ -301,18 +353,27 @@ class Chat:
                         del generated[len(generated) - excess:]
                         kv.truncate(prefilled + len(generated))
                         text = b"".join(llm.piece(t) for t in generated).decode("utf-8", "replace")
-                        reply.looped = True
+                        reply.looped, reply.finish = True, "stop"
                         break
                     piece = decoder.decode(llm.piece(token))
                     text += piece
                     if stops and any(s in text[-(len(piece) + longest_stop):] for s in stops):
                         text = text[: min(text.index(s) for s in stops if s in text)]
+                        reply.finish = "stop"
                         break
                     if t_first is None:
                         t_first = time.perf_counter()
-                    if piece:
-                        yield piece
+                    ready = len(text) - _stop_begun(text, stops)
+                    if ready > sent:
+                        out, sent = text[sent:ready], ready
+                        yield out
                     kv.extend([[token]])
+                if not reply.looped and len(text) > sent:  # what was held back for a stop string that never came
+                    out, sent = text[sent:], len(text)
+                    yield out
+            except GeneratorExit:  # abandoned: the answer is what was handed out
+                text = text[:sent]
+                raise
             finally:
                 # Close the assistant turn as training rendered it, even for an abandoned stream.
                 evaluated = generated[:kv.size - prefilled]
@@ -330,6 +391,21 @@ class Chat:
                 reply.timings = {"features": 0.0, "encode": 0.0, **(timings or {}), "prefill": 1e3 * t_prefill,
                                  "first_token": 1e3 * ((t_first or now) - t0), "total": 1e3 * (now - t0)}
                 reply.text = text
+
+
+def _loaded(turn: Turn) -> Turn:
+    """The turn with its audio parts as 16 kHz samples (AudioError for audio that cannot be used)."""
+    return Turn(turn.role, tuple(p if isinstance(p, str) else load_audio(p) for p in turn.parts))
+
+
+def _stop_begun(text: str, stops: list[str]) -> int:
+    """Characters at the end of text that begin a stop string (it may yet come)."""
+    longest = max((len(s) for s in stops), default=0)
+    for n in range(min(longest - 1, len(text)), 0, -1):
+        end = text[-n:]
+        if any(len(s) > n and s.startswith(end) for s in stops):
+            return n
+    return 0
 
 
 def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:

@@ -1,7 +1,11 @@
-"""Audio -> LLM embedding rows with onnxruntime: numpy log-mel per 30 s chunk, one graph run per chunk."""
+"""Audio -> LLM embedding rows with onnxruntime: numpy log-mel per 30 s chunk, one graph run per chunk; and the rows
+of recently encoded clips, kept by content."""
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -51,3 +55,44 @@ class AudioEncoder:
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         return self.encode(self.features(samples))
+
+
+class KeptRows:
+    """The rows (and what was heard) of the last `size` clips encoded, by a digest of their samples: a clip given
+    again (a server's clients send the whole conversation with every request) is not encoded again. Thread-safe;
+    the kept arrays are read-only."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"KeptRows keeps at least 1 clip, got size {size}")
+        self.size = size
+        self._items: OrderedDict = OrderedDict()  # digest -> (rows, heard text or None), oldest first
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(samples: np.ndarray) -> bytes:
+        """The digest of a clip's float32 samples."""
+        return hashlib.blake2b(np.ascontiguousarray(samples, dtype=np.float32), digest_size=16).digest()
+
+    def get(self, key: bytes):
+        """(rows, heard) kept for the clip, or None."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._items.move_to_end(key)
+            return item
+
+    def put(self, key: bytes, rows: np.ndarray, heard: str | None) -> None:
+        rows.setflags(write=False)  # shared by every conversation that holds the clip
+        with self._lock:
+            self._items[key] = (rows, heard)
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)

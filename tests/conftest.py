@@ -63,3 +63,40 @@ def bundle(checkpoint, tmp_path_factory):
     report = export_bundle(checkpoint, out, onnx_precision="fp32", gguf_type="f32")
     assert report.checks["onnx_fp32_max_abs_diff"] < 1e-4
     return out
+
+
+@pytest.fixture(scope="session")
+def whisper_ct2(tmp_path_factory):
+    """A tiny random multilingual Whisper as a CTranslate2 directory (what whisper-decoder bundles are built from)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("whisper")
+    tiny.ct2_whisper(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_gguf(tmp_path_factory):
+    """A tiny random qwen2 LLM with the tiny tokenizer and its chat template, as an f32 GGUF."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from llasm.export.gguf import write_gguf
+
+    path = tmp_path_factory.mktemp("llm") / "llm.gguf"
+    torch.manual_seed(0)
+    write_gguf(tiny.lm("qwen2", 384), tiny.tokenizer(), path, dtype="f32")
+    return path
+
+
+@pytest.fixture(scope="session")
+def whisper_decoder_bundle(whisper_ct2, tiny_llm_gguf, tmp_path_factory):
+    """A whisper-decoder bundle of the tiny Whisper and LLM, built without torch (as the default release is)."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from llasm.export.whisper_bundle import build_whisper_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "wd"
+    report = build_whisper_bundle(whisper_ct2, tiny_llm_gguf, out, provenance={"test": True})
+    assert set(report.checks) == {"int8", "probe_heard", "probe_lang", "probe_rows"}
+    return out

@@ -73,3 +73,30 @@ def test_geometry_counts_rows_and_chunks():
     assert g.chunks(481000) == [(0, 480000), (480000, 481000)]
     with pytest.raises(ValueError, match="n_mels"):
         AudioGeometry(n_mels=64)
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG", "MP3"])
+def test_the_bytes_of_an_audio_file_read_as_the_file_does(tmp_path, fmt):
+    import io
+
+    if fmt not in sf.available_formats():
+        pytest.skip(f"this libsndfile ({sf.__libsndfile_version__}) does not write {fmt}")
+    x = tiny.speech(1.0, rate=22050)
+    path = tmp_path / f"clip.{fmt.lower()}"
+    sf.write(path, x, 22050, format=fmt)
+    data = path.read_bytes()
+    np.testing.assert_array_equal(load_audio(data), load_audio(path))
+    np.testing.assert_array_equal(load_audio(memoryview(data)), load_audio(io.BytesIO(data).getvalue()))
+
+
+def test_bytes_that_are_no_audio_are_one_clear_error():
+    with pytest.raises(AudioError, match=r"the audio is empty \(0 bytes\)"):
+        load_audio(b"")
+    with pytest.raises(AudioError, match="cannot read audio from 17 bytes of audio: .+"):
+        load_audio(b"this is not audio")
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(16000, np.float32), 16000, format="WAV")
+    with pytest.raises(AudioError, match="bytes of audio is silent"):
+        load_audio(buf.getvalue())

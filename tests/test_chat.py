@@ -64,16 +64,18 @@ def test_abandoned_stream_keeps_the_partial_answer(bundle):
 
 
 def test_cancel_from_another_thread(bundle):
+    from llasm.runtime.chat import Reply
+
     model = LLaSM.load(bundle)
     chat = model.chat()
-    pieces = []
-    for piece in chat.stream(text="go on and on", max_tokens=200):
+    pieces, reply = [], Reply("")
+    for piece in chat.stream(text="go on and on", max_tokens=200, _reply=reply):
         pieces.append(piece)
         if len(pieces) == 2:
             t = threading.Thread(target=chat.cancel)
             t.start()
             t.join()
-    assert 2 <= len(pieces) <= 3
+    assert 2 <= len(pieces) <= 3 and reply.finish == "cancelled"
     _cache_matches_history(model, chat)
     model.close()
 
@@ -256,4 +258,98 @@ def test_a_decoding_loop_stops_and_keeps_one_copy(bundle, monkeypatch):
     script = iter([3, 4] + block * 10)
     again = model.chat().send(text="say it again", max_tokens=40)
     assert again.looped and again.text == want and again.tokens == len(block) + 2
+    model.close()
+
+
+def test_a_history_whose_turns_hold_audio_is_fed_as_the_conversation_had_it(bundle, tmp_path):
+    """User turns of text and audio parts, in any order (a server's client sends such a conversation whole): the
+    history is their rendered prompt with the clips' rows, the answers' tokens, and the KV cache holds it."""
+    import soundfile as sf
+
+    from llasm.runtime.audio import AudioError, load_audio
+    from llasm.runtime.kv import size
+    from llasm.runtime.prompt import Turn
+
+    model = LLaSM.load(bundle)
+    x, y = tiny.speech(1.1, seed=3), tiny.speech(0.8, seed=4)
+    wav = tmp_path / "y.wav"
+    sf.write(wav, y, 16000, subtype="FLOAT")
+    history = [(Turn("user", (x, "what is it?")), "a fox"), ("and then?", "it ran"),
+               (Turn("user", ("say it again:", wav)), "a fox ran")]
+    chat = model.chat(history=history)
+    llm, prompt = model.llm, model.bundle.prompt
+    end = llm.tokenize(prompt.end_of_turn)
+    want = []
+    for i, (user, answer) in enumerate(history):
+        turn = user if isinstance(user, Turn) else Turn("user", (user,))
+        turn = Turn("user", tuple(p if isinstance(p, str) else load_audio(p) for p in turn.parts))
+        for seg in prompt.render([turn], start=i == 0):
+            want.append(model.encoder(seg.audio) if seg.is_audio else llm.tokenize(seg.text))
+        want.append(llm.tokenize(answer, special=False) + end)
+    got = chat.history()
+    assert len(got) == len(want) and sum(isinstance(f, np.ndarray) for f in got) == 2
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    reply = chat.send(text="why?", max_tokens=3)
+    assert reply.prompt_positions == size(chat.history()[:-1]) and reply.finish == "length"
+    _cache_matches_history(model, chat)
+    with pytest.raises(AudioError, match="silent"):
+        model.chat(history=[(Turn("user", (np.zeros(16000, np.float32),)), "nothing")])
+    with pytest.raises(ValueError, match="history holds"):
+        model.chat(history=[(Turn("assistant", ("hi",)), "there")])
+    model.close()
+
+
+def test_kept_rows_spare_encoding_a_clip_again(bundle, monkeypatch):
+    from llasm.runtime.prompt import Turn
+
+    model = LLaSM.load(bundle, rows_cache=2)
+    encoded = []
+    encode = model.encoder.encode_heard
+    monkeypatch.setattr(model.encoder, "encode_heard", lambda mels: encoded.append(1) or encode(mels))
+    a, b, c = (tiny.speech(1.0, seed=i) for i in range(3))
+    first = model.chat().send(audio=a, text="hi", max_tokens=3)
+    again = model.chat(history=[(Turn("user", (a, "hi")), first.text)])  # as a server's client sends it next
+    assert len(encoded) == 1 and again.exchanges[0].rows[0] is model.encode(Turn("user", (a,))).rows[0]
+    second = model.chat().send(audio=a, text="hi", max_tokens=3)
+    assert len(encoded) == 1 and second.text == first.text and second.timings["encode"] == 0.0
+    with pytest.raises(ValueError, match="read-only"):
+        again.exchanges[0].rows[0][0, 0] = 1.0  # shared by every conversation holding the clip
+    model.chat().send(audio=b, max_tokens=1)
+    model.chat().send(audio=c, max_tokens=1)
+    assert len(encoded) == 3 and len(model.kept) == 2 and model.kept.hits == 3
+    model.chat().send(audio=a, text="hi", max_tokens=1)  # the oldest clip was let go
+    assert len(encoded) == 4
+    model.close()
+
+
+def test_stop_strings_end_the_answer_and_never_show_in_the_stream(bundle):
+    from llasm.runtime.chat import Reply
+
+    model = LLaSM.load(bundle)
+    kw = dict(text="tell me a story", max_tokens=16, temperature=1.5, seed=1)  # greedy, the tiny model loops at once
+    full = model.chat().send(**kw)
+    assert full.tokens == 16 and full.finish == "length" and len(full.text) > 8
+    stop = full.text[4:7]
+    cut = full.text.index(stop)
+    reply = Reply("")
+    pieces = list(model.chat().stream(stop=["never said", stop], _reply=reply, **kw))
+    assert "".join(pieces) == reply.text == full.text[:cut] and reply.finish == "stop"
+    assert not any(stop[:2] in p for p in pieces)
+    tail = full.text[-1] + "\x00 never said"  # its start ends the answer: held back, then given when it never comes
+    reply = Reply("")
+    pieces = list(model.chat().stream(stop=[tail], _reply=reply, **kw))
+    assert "".join(pieces) == full.text and reply.finish == "length"
+    model.close()
+
+
+def test_a_chat_that_keeps_its_history_refuses_a_turn_that_overflows_it(bundle):
+    model = LLaSM.load(bundle, n_ctx=256)
+    history = [(f"this is question number {i}, asked at length", f"and this is answer number {i}") for i in range(8)]
+    kept = model.chat(history=history, drop_oldest=False)
+    with pytest.raises(ContextFull, match="the context holds 256"):
+        kept.send(text="one more", max_tokens=24)
+    assert len(kept.exchanges) == 8 and kept.dropped == 0
+    dropping = model.chat(history=history)
+    assert dropping.send(text="one more", max_tokens=24).tokens > 0 and dropping.dropped > 0
     model.close()

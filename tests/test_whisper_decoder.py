@@ -13,7 +13,6 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 import tiny  # noqa: E402
-from llasm.export.gguf import write_gguf  # noqa: E402
 from llasm.export.whisper_bundle import BuildError, build_whisper_bundle, write_graphs  # noqa: E402
 from llasm.runtime import whisper_decode  # noqa: E402
 from llasm.runtime.audio import AudioError, AudioGeometry  # noqa: E402
@@ -27,10 +26,8 @@ from llasm.training.ct2 import load_ct2_whisper_decoder, load_ct2_whisper_encode
 
 
 @pytest.fixture(scope="module")
-def whisper_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("whisper")
-    tiny.ct2_whisper(out)
-    return out
+def whisper_dir(whisper_ct2):
+    return whisper_ct2
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +46,13 @@ def vocab(whisper_dir):
 
 
 @pytest.fixture(scope="module")
-def llm_gguf(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llm") / "llm.gguf"
-    torch.manual_seed(0)
-    write_gguf(tiny.lm("qwen2", 384), tiny.tokenizer(), path, dtype="f32")
-    return path
+def llm_gguf(tiny_llm_gguf):
+    return tiny_llm_gguf
 
 
 @pytest.fixture(scope="module")
-def bundle(whisper_dir, llm_gguf, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / "wd"
-    report = build_whisper_bundle(whisper_dir, llm_gguf, out, provenance={"test": True})
-    assert set(report.checks) == {"int8", "probe_heard", "probe_lang", "probe_rows"}
-    return out
+def bundle(whisper_decoder_bundle):
+    return whisper_decoder_bundle
 
 
 @pytest.fixture(scope="module")
