@@ -48,13 +48,13 @@ def main(argv=None) -> None:
     setup_logging(verbose=args.verbose)
     try:
         try:
-            from ..serve.app import bind, create_app, server
+            from ..runtime.serve.app import bind, create_app, server
         except ImportError as e:
             raise RuntimeError(f"the server needs the serve extra ({e.name} is missing): "
                                f"pip install 'llasm[serve]'") from None
         from ..runtime.chat import LLaSM
-        from ..serve.api import Limits
-        from ..serve.engine import Engine
+        from ..runtime.serve.api import Limits
+        from ..runtime.serve.engine import Engine
 
         sock = bind(args.host, args.port)  # a taken port fails before the model loads
         bundle = args.bundle or default_bundle()

@@ -24,9 +24,9 @@ sf = pytest.importorskip("soundfile")
 import tiny  # noqa: E402
 from llasm.runtime.chat import LLaSM, Reply  # noqa: E402
 from llasm.runtime.prompt import Turn  # noqa: E402
-from llasm.serve.api import Limits  # noqa: E402
-from llasm.serve.app import bind, create_app, server  # noqa: E402
-from llasm.serve.engine import Engine  # noqa: E402
+from llasm.runtime.serve.api import Limits  # noqa: E402
+from llasm.runtime.serve.app import bind, create_app, server  # noqa: E402
+from llasm.runtime.serve.engine import Engine  # noqa: E402
 
 KEY = "test-key"
 MODEL = "tiny"
@@ -131,7 +131,7 @@ def answer_alone(model, turn, system=None, history=(), **kw) -> Reply:
 
 
 def test_the_server_imports_no_torch():
-    code = ("import sys, llasm.serve.app, llasm.serve.engine, llasm.cli.serve; "
+    code = ("import sys, llasm.runtime.serve.app, llasm.runtime.serve.engine, llasm.cli.serve; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -467,8 +467,8 @@ def test_the_command_serves_a_bundle_until_interrupted(whisper_decoder_bundle):
 
 def test_a_full_queue_is_a_503_not_a_wait(served):
     """Past max_queue requests waiting, a request is refused at once (the worker here is held by the first)."""
-    from llasm.serve.api import ChatRequest
-    from llasm.serve.engine import Busy
+    from llasm.runtime.serve.api import ChatRequest
+    from llasm.runtime.serve.engine import Busy
 
     engine = Engine(served.model, max_queue=1)
     held, events = threading.Event(), []

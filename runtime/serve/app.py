@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..runtime.audio import SAMPLE_RATE
+from ..audio import SAMPLE_RATE
 from . import api
 from .api import ApiError, Limits
 from .engine import Engine

@@ -5,5 +5,6 @@
     engine.py  one model, many clients: one queue, one llama.cpp context, cancellation
     app.py     the routes (Starlette, served by uvicorn): body limits, the API key, server-sent events
 
-It imports the runtime and nothing imports it; the web framework is the `serve` extra (pip install 'llasm[serve]').
+It uses the runtime's public API and nothing in the runtime imports it; the web framework is the `serve` extra
+(pip install 'llasm[serve]').
 """

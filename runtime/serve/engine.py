@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from ..runtime.chat import LLaSM, Reply
+from ..chat import LLaSM, Reply
 from .api import ApiError, ChatRequest, api_error
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ import binascii
 import io
 from dataclasses import dataclass
 
-from ..runtime.audio import SAMPLE_RATE, AudioError, NoSpeech, load_audio
-from ..runtime.chat import Reply
-from ..runtime.llm import ContextFull
-from ..runtime.prompt import Turn
+from ..audio import SAMPLE_RATE, AudioError, NoSpeech, load_audio
+from ..chat import Reply
+from ..llm import ContextFull
+from ..prompt import Turn
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 TRANSCRIPT_FORMATS = ("json", "text", "verbose_json")
