@@ -19,7 +19,7 @@ import numpy as np
 
 from .audio import SAMPLE_RATE, NoSpeech
 
-STEP_SECONDS = 1.0  # audio between passes
+STEP_SECONDS = 0.5  # audio between passes: 1.0 s left 1.5-2 s of words to the end (BENCHMARKS.md)
 LOOK_SAMPLES = 2560  # the listener looks at the audio every 0.16 s (where speech starts, whether it paused)
 ENDS_SENTENCE = tuple(mark.encode("utf-8") for mark in ("。", "，", "！", "？", "、", "；", ",", ".", "!", "?", ";"))
 
