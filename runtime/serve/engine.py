@@ -7,9 +7,9 @@ conversation that goes on computes only its new turn; and the model keeps the ro
 its audio is not encoded again. The answer depends on the request only, never on what was served before it.
 
 Why not N llama.cpp slots (parallel sequences, decoded in one batch): measured on 2 cores with the default bundle,
-one decode of 4 tokens costs 1.4x one of 1 token, so 4 slots could give up to ~2.8x the tokens per second of long
-answers; but a spoken request spends most of its time in Whisper and the prefill, which use both cores already (59
-requests a minute with 2 clients and with 4), and each slot would need its own KV ledger. Worth it only where
+one decode of 4 tokens costs 1.9x one of 1 token, so 4 slots could give up to ~2x the tokens per second of long
+answers; but a spoken request spends most of its time in Whisper and the prefill, which use both cores already (81
+requests a minute with 1 client, 84 with 4: BENCHMARKS.md), and each slot would need its own KV ledger. Worth it only where
 several clients want long answers at once.
 
 Work reports to the client through emit(event), called on the worker thread, in order:
