@@ -4,8 +4,10 @@ agrees on are prefilled before the user lets go.
 Every STEP_SECONDS of new audio, a pass transcribes the turn so far, with the words agreed on so far given to the
 decoder as its prefix (only the rest is decoded). Tokens that two passes in a row agree on (local agreement, as
 whisper_streaming commits text), up to the start of a word, are kept: their rows go into the KV cache behind the
-conversation. At the end of speech one last pass transcribes the whole turn with the kept tokens as its prefix, so
-only the words after them are decoded, turned into rows and prefilled.
+conversation, and so are the rows of the words after them that the pass heard (`ahead`, a guess: the KV cache keeps
+what the next pass or the end shares with it, as it keeps any common prefix). At the end of speech one last pass
+transcribes the whole turn with the kept tokens as its prefix, so only the words after them are decoded, and only
+the rows that differ from the guess are prefilled.
 
 Whisper's encoder attends to all of its input, so a pass over part of the turn hears its words a little otherwise
 than the whole turn would; the kept rows (and their candidates' mix) are those of the pass that agreed on them
@@ -42,6 +44,7 @@ class HeardPasses:
         self.agreed: list[int] = []  # Whisper tokens the kept rows stand for
         self.lang = None  # fixed once words are kept
         self.heard: str | None = None
+        self.ahead: np.ndarray | None = None  # rows of the last pass's words after the agreed ones (a guess)
         self._last: list[int] | None = None  # the previous pass's tokens
         self._n = 0  # passes run
 
@@ -62,10 +65,12 @@ class HeardPasses:
         while j > len(self.agreed) and not self._starts_word(tokens, j):
             j -= 1
         if j <= len(self.agreed):
+            self.ahead = self.rowmap.rows_of(heard, len(self.agreed))
             return np.zeros((0, self.encoder.n_embd), np.float32)
         rows = self.rowmap.rows_of(heard, len(self.agreed), j)
         self.agreed, self.lang = list(tokens[:j]), heard.lang
         self.kept.append(rows)
+        self.ahead = self.rowmap.rows_of(heard, j)
         return rows
 
     def _starts_word(self, tokens: list[int], j: int) -> bool:

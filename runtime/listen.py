@@ -65,6 +65,7 @@ class Passes:
         self.begin = None  # the begin-of-audio row, (1, n_embd)
 
     heard = None  # these rows hear no words
+    ahead = None  # nor do they guess rows beyond the kept ones
 
     def fresh(self) -> "Passes":
         """Passes of the same settings, none run yet."""
@@ -280,7 +281,8 @@ class Listener:
             ok = x.size <= self.passes.max_samples
             if ok:
                 self.passes.run(x)
-                kept = [np.concatenate([self.passes.begin] + self.passes.kept)]
+                guess = [] if self.passes.ahead is None else [self.passes.ahead]
+                kept = [np.concatenate([self.passes.begin] + self.passes.kept + guess)]
                 ok = self._reach(self.chat.feed(Turn("user", (x,)), kept, through_audio=True))
         self._next = min(self._start + self.passes.point(), audio.size + self.check)
         return ok

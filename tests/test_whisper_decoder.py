@@ -604,6 +604,27 @@ def test_listening_keeps_agreed_words_and_answers_as_the_whole_clip(model, said)
     assert got.prefilled < reply.prefilled  # the kept rows were in the KV cache already
 
 
+def test_listening_prefills_its_guess_of_the_words_not_yet_agreed(model, said):
+    from llasm.runtime.chat import Reply
+    from llasm.runtime.prompt import Turn
+
+    x = tiny.speech(4.0, seed=12)
+    one_row = [np.zeros((1, model.encoder.n_embd), np.float32)]
+    tail = model.chat().feed(Turn("user", (x,)), one_row)[-1]  # the template after the audio: what is left to do
+    listener = model.chat().listen(trim=False)
+    for i in range(0, x.size, 1600):
+        listener.feed(x[i:i + 1600])
+        listener.wait(30)
+    passes = listener.passes
+    kept = sum(len(r) for r in passes.kept)
+    assert passes.agreed == SENTENCE[:3] and len(passes.ahead) > 0  # "France?": heard, not yet agreed
+    assert listener.rows_ahead == kept + len(passes.ahead)  # and in the KV cache
+    got = Reply("")
+    "".join(listener.answer(max_tokens=3, _reply=got))
+    assert got.heard == "What is the France?"
+    assert got.prefilled == len(tail)  # the last pass heard what the guess said: its rows were computed already
+
+
 def test_eval_listen_gives_what_a_listener_gives(model, said):
     from llasm.runtime.listen import ListenedEncoder, listened
 
