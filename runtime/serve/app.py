@@ -73,6 +73,15 @@ class _Events:
                 if await request.is_disconnected():
                     raise _Gone from None
 
+    async def of(self, request: Request, ticket):
+        """The next event of `ticket`'s work; where waiting ends otherwise (the client left, the request was
+        cancelled), the work is cancelled too."""
+        try:
+            return await self.next(request)
+        except BaseException:
+            ticket.cancel()
+            raise
+
 
 def create_app(engine: Engine, model_id: str, api_key: str | None = None, limits: Limits = Limits(),
                max_body: int = 25 << 20) -> Starlette:
@@ -122,11 +131,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, limits
         req = await run_in_threadpool(api.chat_request, body, limits)  # decoding audio takes a while
         events = _Events()
         ticket = engine.chat(req, events.emit)
-        try:
-            first = await events.next(request)
-        except BaseException:
-            ticket.cancel()
-            raise
+        first = await events.of(request, ticket)
         if first[0] == "error":
             return error_response(first[1])
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -135,12 +140,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, limits
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         event = first
-        try:
-            while event[0] == "piece":
-                event = await events.next(request)
-        except BaseException:
-            ticket.cancel()
-            raise
+        while event[0] == "piece":
+            event = await events.of(request, ticket)
         if event[0] == "error":
             return error_response(event[1])
         result = event[1]
@@ -201,11 +202,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, limits
         samples = await run_in_threadpool(api.decode_audio, audio, "file", limits)
         events = _Events()
         ticket = engine.transcribe(samples, events.emit)
-        try:
-            kind, value = await events.next(request)
-        except BaseException:
-            ticket.cancel()
-            raise
+        kind, value = await events.of(request, ticket)
         if kind == "error":
             return error_response(value)
         body = api.transcript(value, fmt, samples.size / SAMPLE_RATE, language)
