@@ -1,5 +1,6 @@
 """llasm-train PRESET.toml [--set key=value ...]: one training stage from a preset file.
-llasm-train average CKPT CKPT [...] -o OUT: the uniform average of checkpoints from one starting point."""
+llasm-train average CKPT CKPT [...] -o OUT: the uniform average of checkpoints from one starting point.
+llasm-train whisper-lora --train M.jsonl [...] --dev M.jsonl -o whisper_lora.npz: a LoRA of Whisper's decoder."""
 from __future__ import annotations
 
 import argparse
@@ -52,12 +53,51 @@ def average(argv) -> None:
     print(f"checkpoint: {path}")
 
 
+def whisper_lora(argv) -> None:
+    p = argparse.ArgumentParser(prog="llasm-train whisper-lora", description="Teach Whisper's decoder the training "
+                                "voices: a LoRA on its projections, trained on llasm-data ASR manifests with the "
+                                "encoder frozen; a whisper-decoder release carries it as whisper_lora.npz.")
+    p.add_argument("--whisper", default="package:whisper-base", help="CTranslate2 Whisper directory or package spec")
+    p.add_argument("--train", nargs="+", required=True, help="ASR manifests (asr.jsonl of llasm-data builds)")
+    p.add_argument("--dev", nargs="+", required=True, help="ASR manifests to keep the lowest loss by (asr.dev.jsonl)")
+    p.add_argument("-o", "--out", required=True, help="the LoRA file (.npz)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a TuneConfig field: rank, alpha, lr, steps, batch, seed, pad_seconds, weight_decay")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    setup_logging(args.quiet)
+    with one_line_errors("llasm-train"):
+        from ..training import packaged
+        from ..training.whisper_tune import TuneConfig, examples, tune
+
+        values = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+            values[key.strip()] = _parse_value(value.strip())
+        known = {f.name for f in fields(TuneConfig)}
+        if set(values) - known:
+            raise ValueError(f"unknown settings {sorted(set(values) - known)}; known: {sorted(known)}")
+        whisper = packaged.resolve(args.whisper) if packaged.is_package_spec(args.whisper) else args.whisper
+        report = tune(whisper, examples(args.train, whisper), examples(args.dev, whisper), args.out,
+                      TuneConfig(**values))
+        if report["step"] == 0:
+            raise ValueError(f"the dev loss never fell below Whisper's own ({report['start_dev_loss']:.4f}): "
+                             "no LoRA written")
+    print(f"whisper lora: {args.out} (step {report['step']}, dev loss {report['dev_loss']:.4f} from "
+          f"{report['start_dev_loss']:.4f}; {report['train']} training clips, {report['seconds']} s)")
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["average"]:
         return average(argv[1:])
+    if argv[:1] == ["whisper-lora"]:
+        return whisper_lora(argv[1:])
     p = argparse.ArgumentParser(prog="llasm-train", description="Train one LLaSM stage from a preset (TOML), or "
-                                "'llasm-train average CKPT CKPT ... -o OUT' to average checkpoints.")
+                                "'llasm-train average CKPT CKPT ... -o OUT' to average checkpoints, or 'llasm-train "
+                                "whisper-lora ...' to teach Whisper's decoder the training voices.")
     p.add_argument("preset", help="TOML file with TrainConfig fields (stage, data, out, whisper, llm, ...), or the "
                                   "name of a shipped preset (" + ", ".join(_shipped()) + ")")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset field")

@@ -2,7 +2,8 @@
 
 A release is one of:
     llasm-release      config.json naming the adaptor's settings and the `package:` bases (a whisper-decoder
-                       adaptor, plus row_map.npz when it learned one): built with numpy, onnx and gguf (no torch)
+                       adaptor, plus row_map.npz when it learned one, and whisper_lora.npz when Whisper's decoder
+                       learned the training voices): built with numpy, onnx and gguf (no torch)
     llasm-checkpoint   a training checkpoint (config, adaptor and LoRA weights): exported with torch
 Nothing is downloaded from a hub. A bundle built from the release records the release's digest, and is built again
 when an llasm update ships a different release.
@@ -111,7 +112,8 @@ def _local_path(spec: str) -> Path:
 
 
 def build_release(release, out, overwrite: bool = False, precision: str | None = None, name: str | None = None):
-    """A bundle from an llasm-release directory (its config.json and row_map.npz if any), torch-free; name: the
+    """A bundle from an llasm-release directory (its config.json, row_map.npz and whisper_lora.npz if any),
+    torch-free; name: the
     release mark its provenance carries (the shipped one's is RELEASE_NAME). -> the builder's report."""
     from .whisper_bundle import build_whisper_bundle
 
@@ -120,9 +122,10 @@ def build_release(release, out, overwrite: bool = False, precision: str | None =
         raise ValueError(f"{release} is a training checkpoint, not an llasm-release")
     cfg = json.loads((release / "config.json").read_text(encoding="utf-8"))
     try:
-        probe, row_map = cfg.get("probe") or {}, release / "row_map.npz"
+        probe, row_map, whisper_lora = cfg.get("probe") or {}, release / "row_map.npz", release / "whisper_lora.npz"
         return build_whisper_bundle(_local_path(cfg["base"]["whisper"]), _local_path(cfg["base"]["llm"]), out,
                                     adaptor=cfg["adaptor"], row_map=row_map if row_map.is_file() else None,
+                                    whisper_lora=whisper_lora if whisper_lora.is_file() else None,
                                     provenance={"base": cfg["base"], "release": name,
                                                 "release_digest": release_digest(release)},
                                     probe=SAMPLES / probe["audio"] if probe.get("audio") else None,

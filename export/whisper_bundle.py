@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 ROWS = ("soft", "hard")
 PRECISIONS = ("int8", "fp16")
 DEFAULT_ADAPTOR = {"kind": "whisper-decoder", "rows": "soft", "languages": ["en", "zh"], "pad_seconds": 0.5,
-                   "begin": "", "end": ""}
+                   "begin": "", "end": "", "tuned": []}  # tuned: languages decoded with the Whisper LoRA
 
 
 # The LLM was never taught to transcribe: asked to, a small one answers the question it reads instead. A system text
@@ -64,6 +64,8 @@ def adaptor_settings(settings: dict | None) -> dict:
     if not cfg["languages"] or not all(isinstance(x, str) for x in cfg["languages"]):
         raise ValueError(f"adaptor languages must be a non-empty list of Whisper language codes, got "
                          f"{cfg['languages']!r}")
+    if not isinstance(cfg["tuned"], list) or not set(cfg["tuned"]) <= set(cfg["languages"]):
+        raise ValueError(f"adaptor tuned must list some of its languages {cfg['languages']}, got {cfg['tuned']!r}")
     if not 0.0 <= float(cfg["pad_seconds"]) <= 30.0:
         raise ValueError(f"pad_seconds must lie in [0, 30], got {cfg['pad_seconds']}")
     unknown = sorted(set(cfg) - set(DEFAULT_ADAPTOR))
@@ -92,9 +94,10 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def write_graphs(whisper_dir: Path, out: Path, weights=np.float16) -> tuple[Path, Path, int]:
+def write_graphs(whisper_dir: Path, out: Path, weights=np.float16, lora=None) -> tuple[Path, Path, int]:
     """audio_encoder.onnx and text_decoder.onnx from the CTranslate2 weights -> their paths and n_mels. weights:
-    the dtype the graphs store (float16: the packaged weights as they are, computed in float32)."""
+    the dtype the graphs store (float16: the packaged weights as they are, computed in float32). lora: a Whisper
+    LoRA file (training/whisper_lora.py), in the decoder graph behind its lora_gate input."""
     import onnx
 
     from ..training.ct2 import (_model_bin, decoder_config_from_ct2, decoder_state_from_ct2,
@@ -106,14 +109,18 @@ def write_graphs(whisper_dir: Path, out: Path, weights=np.float16) -> tuple[Path
     table_rows = variables["decoder/position_encodings/encodings"].shape[0]
     dec_cfg = decoder_config_from_ct2(variables, table_rows)
     dec_state = decoder_state_from_ct2(variables, dec_cfg)
+    if lora is not None:
+        from ..training.whisper_lora import read_lora
+
+        lora = read_lora(lora)[:2]
     enc_path, dec_path = out / "audio_encoder.onnx", out / "text_decoder.onnx"
     onnx.save(encoder_model(encoder_state_from_ct2(variables, enc_cfg), enc_cfg, dec_state, dec_cfg, weights), enc_path)
-    onnx.save(decoder_model(dec_state, dec_cfg, float_variable(variables, "decoder/embeddings/weight"), weights),
+    onnx.save(decoder_model(dec_state, dec_cfg, float_variable(variables, "decoder/embeddings/weight"), weights, lora),
               dec_path)
     return enc_path, dec_path, enc_cfg.n_mels
 
 
-def quantized_graphs(whisper_dir: Path, out: Path) -> tuple[Path, Path]:
+def quantized_graphs(whisper_dir: Path, out: Path, lora=None) -> tuple[Path, Path]:
     """The graphs with int8 weights for their matrix products (onnxruntime's dynamic quantization, activations
     quantized per call): 2.5x faster on CPUs with int8 dot products (BENCHMARKS.md). Written from float32 graphs,
     which are removed."""
@@ -124,7 +131,7 @@ def quantized_graphs(whisper_dir: Path, out: Path) -> tuple[Path, Path]:
     advice = _Drop("pre-processing before quantization")  # its shape inference cannot follow these graphs' shapes
     logging.getLogger().addFilter(advice)
     try:
-        enc32, dec32, _ = write_graphs(whisper_dir, scratch, np.float32)
+        enc32, dec32, _ = write_graphs(whisper_dir, scratch, np.float32, lora)
         paths = out / "audio_encoder.int8.onnx", out / "text_decoder.int8.onnx"
         for src, dst in zip((enc32, dec32), paths):
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
@@ -149,7 +156,8 @@ def int8_agrees(reference: tuple, quantized: tuple, vocab, geometry, clips: list
     """None when the int8 graphs hear every clip as the reference graphs do (the same greedy tokens); else why not."""
     from ..runtime.whisper_decode import Transcriber
 
-    kw = dict(languages=tuple(cfg["languages"]), pad_seconds=float(cfg["pad_seconds"]))
+    kw = dict(languages=tuple(cfg["languages"]), pad_seconds=float(cfg["pad_seconds"]),
+              tuned=tuple(cfg.get("tuned", ())))
     ref, q8 = Transcriber(*reference, vocab, geometry, **kw), Transcriber(*quantized, vocab, geometry, **kw)
     for i, clip in enumerate(clips):
         a, b = ref(clip), q8(clip)
@@ -159,6 +167,7 @@ def int8_agrees(reference: tuple, quantized: tuple, vocab, geometry, clips: list
 
 
 def build_whisper_bundle(whisper_dir, llm_gguf, out, adaptor: dict | None = None, lora=None, row_map=None,
+                         whisper_lora=None,
                          transcribe: dict | None = None, provenance: dict | None = None, probe=None,
                          expect: str | None = None, precision: str = "int8", overwrite: bool = False) -> BuildReport:
     """Write the bundle into `out` (atomically: a temporary directory beside it, renamed when checked).
@@ -167,7 +176,8 @@ def build_whisper_bundle(whisper_dir, llm_gguf, out, adaptor: dict | None = None
     hold (case and punctuation aside). Without a probe, a synthetic voiced signal checks that decoding ends.
     precision: "int8" (where the int8 graphs hear the probe and the synthetic clip as the float graphs do; the float
     graphs ship otherwise, and the manifest's checks say why) or "fp16" (float16 weights, float32 compute).
-    transcribe: the transcription prompt's manifest keys (default TRANSCRIBE_PROMPT)."""
+    transcribe: the transcription prompt's manifest keys (default TRANSCRIBE_PROMPT). whisper_lora: a LoRA of
+    Whisper's decoder (training/whisper_tune.py), added to its weights; lora: the LLM's, as a GGUF adapter."""
     from ..runtime.llm import LLM
     from ..runtime.whisper_decode import WhisperVocab
 
@@ -177,16 +187,18 @@ def build_whisper_bundle(whisper_dir, llm_gguf, out, adaptor: dict | None = None
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if not llm_gguf.is_file():
         raise FileNotFoundError(f"no GGUF LLM at {llm_gguf}")
+    if bool(cfg["tuned"]) != (whisper_lora is not None):
+        raise ValueError("a Whisper LoRA and the adaptor's tuned languages go together: name both or neither")
     report = BuildReport(out)
     with staged_bundle(out, overwrite) as tmp:
         log.info("writing Whisper's encoder and decoder graphs (ONNX)")
-        enc_path, dec_path, n_mels = write_graphs(whisper_dir, tmp)
+        enc_path, dec_path, n_mels = write_graphs(whisper_dir, tmp, lora=whisper_lora)
         tokens_path = tmp / "whisper_tokens.json"
         tokens_path.write_text(json.dumps(whisper_tokens(whisper_dir), ensure_ascii=False), encoding="utf-8")
         used = "fp16 weights, fp32 compute"
         if precision == "int8":
             log.info("quantizing Whisper's graphs to int8")
-            quantized = quantized_graphs(whisper_dir, tmp)
+            quantized = quantized_graphs(whisper_dir, tmp, whisper_lora)
             clips = [load_audio(probe)] if probe is not None else []
             why = int8_agrees((enc_path, dec_path), quantized, WhisperVocab.from_file(tokens_path),
                               AudioGeometry(n_mels=n_mels, rows="tokens"), clips + [probe_audio(1.5)], cfg)
@@ -219,6 +231,8 @@ def build_whisper_bundle(whisper_dir, llm_gguf, out, adaptor: dict | None = None
                     "geometry": AudioGeometry(n_mels=n_mels, rows="tokens").to_dict(), "prompt": prompt.to_dict(),
                     **(TRANSCRIBE_PROMPT if transcribe is None else transcribe), "n_embd": n_embd, "files": files,
                     "provenance": dict(provenance or {}, whisper=str(whisper_dir), llm=str(llm_gguf))}
+        if whisper_lora is not None:
+            manifest["provenance"]["whisper_lora"] = B.sha256(whisper_lora)  # in the decoder's weights
         (tmp / B.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         report.checks.update(check_bundle(tmp, probe, expect))
         manifest["checks"] = report.checks

@@ -4,6 +4,8 @@ no torch, so the default bundle builds on first use from the packaged CTranslate
     encoder   mel (1, n_mels, T) -> cross_k, cross_v (L, 1, H, S, d_head): every decoder layer's cross-attention
               keys and values over the S = ceil(T / 2) encoder frames, computed once per clip
     decoder   tokens (1, n) int64, past_k, past_v (L, 1, H, P, d_head), cross_k, cross_v
+              [, lora_gate (1,) float, 0 unless given: where the graph carries a LoRA of the decoder, its
+              low-rank terms are added times this gate, so one graph is Whisper as shipped (0) or as tuned (1)]
               -> logits (1, V) and hidden (1, D) of the last position, present_k, present_v (L, 1, H, P + n, d_head)
               positions P..P+n-1; causal among the new tokens; P = 0 starts a transcript
 
@@ -16,6 +18,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from ..runtime.whisper_decode import LORA_GATE  # the input's name, as the runtime feeds it
 
 OPSET = 17  # LayerNormalization
 LN_EPS = 1e-5
@@ -61,11 +65,19 @@ class _Graph:
             return name
         return self.op("Cast", name, to=TensorProto.FLOAT)
 
-    def linear(self, x: str, state: dict, prefix: str) -> str:
-        """x @ W.T + b for a (out, in) weight, as transformers stores it; no bias where the state has none."""
+    def linear(self, x: str, state: dict, prefix: str, lora: tuple | None = None) -> str:
+        """x @ W.T + b for a (out, in) weight, as transformers stores it; no bias where the state has none.
+        lora: (pairs, scale, gate): + gate * scale * (x @ A.T) @ B.T where pairs hold this weight's A and B."""
         y = self.op("MatMul", x, self.weight(state[f"{prefix}.weight"].T, prefix))
         bias = state.get(f"{prefix}.bias")
-        return y if bias is None else self.op("Add", y, self.weight(bias, prefix + ".b"))
+        y = y if bias is None else self.op("Add", y, self.weight(bias, prefix + ".b"))
+        if lora is not None and f"{prefix}.lora_a" in lora[0]:
+            pairs, scale, gate = lora
+            a, b = pairs[f"{prefix}.lora_a"].astype(np.float32), pairs[f"{prefix}.lora_b"].astype(np.float32)
+            low = self.op("MatMul", self.op("MatMul", x, self.weight(a.T, prefix + ".lora_a")),
+                          self.weight((b * np.float32(scale)).T, prefix + ".lora_b"))
+            y = self.op("Add", y, self.op("Mul", low, gate))
+        return y
 
     def layer_norm(self, x: str, state: dict, prefix: str) -> str:
         return self.op("LayerNormalization", x, self.weight(state[f"{prefix}.weight"], prefix),
@@ -98,6 +110,17 @@ class _Graph:
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="llasm")
         m.doc_string = doc
         return m
+
+
+def _check_lora(pairs: dict, dec_state: dict) -> None:
+    """Every pair names a decoder weight the graph computes, and fits it (the cross-attention keys and values are
+    the encoder graph's)."""
+    for name in sorted({k.rsplit(".lora_", 1)[0] for k in pairs}):
+        a, b, w = pairs.get(f"{name}.lora_a"), pairs.get(f"{name}.lora_b"), dec_state.get(f"{name}.weight")
+        if a is None or b is None or w is None or name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj")):
+            raise ValueError(f"Whisper LoRA {name!r}: incomplete pair, or not a decoder step weight")
+        if a.ndim != 2 or b.ndim != 2 or (b.shape[0], a.shape[1], a.shape[0]) != (*w.shape, b.shape[1]):
+            raise ValueError(f"Whisper LoRA {name!r}: A {a.shape} and B {b.shape} do not fit the weight {w.shape}")
 
 
 def _stack_layers(g: _Graph, tensors: list[str]) -> str:
@@ -144,15 +167,20 @@ def encoder_model(enc_state: dict, enc_cfg, dec_state: dict, dec_cfg, weight_dty
                    "Whisper encoder on the real length: log-mel -> every decoder layer's cross-attention keys, values")
 
 
-def decoder_model(dec_state: dict, dec_cfg, token_table: np.ndarray, weight_dtype=np.float16):
-    """The decoder step graph (see the module docstring). token_table: (V, D), also the output projection."""
-    from onnx import TensorProto, helper
+def decoder_model(dec_state: dict, dec_cfg, token_table: np.ndarray, weight_dtype=np.float16, lora=None):
+    """The decoder step graph (see the module docstring). token_table: (V, D), also the output projection. lora:
+    (pairs, scale) of training/whisper_lora.py, behind the lora_gate input."""
+    from onnx import TensorProto, helper, numpy_helper
 
     D, H, L = dec_cfg.d_model, dec_cfg.n_heads, dec_cfg.n_layers
     if token_table.shape[1] != D:
         raise ValueError(f"token table has shape {list(token_table.shape)}, the decoder's d_model is {D}")
     g = _Graph(weight_dtype, D // H)
     i64 = lambda *v: g.const(np.array(v, np.int64))  # noqa: E731
+    if lora is not None:
+        _check_lora(lora[0], dec_state)
+        g.inits.append(numpy_helper.from_array(np.zeros(1, np.float32), LORA_GATE))  # a default the caller overrides
+        lora = (lora[0], lora[1], LORA_GATE)
     table = g.weight(token_table, "tokens")
     n = g.op("Slice", g.op("Shape", "tokens"), i64(1), i64(2))  # (1,) new tokens
     past = g.op("Slice", g.op("Shape", "past_k"), i64(3), i64(4))  # (1,) positions already decoded
@@ -167,19 +195,19 @@ def decoder_model(dec_state: dict, dec_cfg, token_table: np.ndarray, weight_dtyp
     for i in range(L):
         p = f"layers.{i}"
         h = g.layer_norm(x, dec_state, f"{p}.self_attn_layer_norm")
-        q, k, v = (g.heads(g.linear(h, dec_state, f"{p}.self_attn.{n_}_proj"), H, D // H) for n_ in "qkv")
+        q, k, v = (g.heads(g.linear(h, dec_state, f"{p}.self_attn.{n_}_proj", lora), H, D // H) for n_ in "qkv")
         layer = g.const(np.array(i, np.int64))
         k = g.op("Concat", g.op("Gather", "past_k", layer, axis=0), k, axis=2)  # (1, H, P + n, d_head)
         v = g.op("Concat", g.op("Gather", "past_v", layer, axis=0), v, axis=2)
         present_k.append(k)
         present_v.append(v)
-        x = g.op("Add", x, g.linear(g.attend(q, k, v, D, mask), dec_state, f"{p}.self_attn.out_proj"))
+        x = g.op("Add", x, g.linear(g.attend(q, k, v, D, mask), dec_state, f"{p}.self_attn.out_proj", lora))
         h = g.layer_norm(x, dec_state, f"{p}.encoder_attn_layer_norm")
-        q = g.heads(g.linear(h, dec_state, f"{p}.encoder_attn.q_proj"), H, D // H)
+        q = g.heads(g.linear(h, dec_state, f"{p}.encoder_attn.q_proj", lora), H, D // H)
         ck, cv = (g.op("Gather", name, layer, axis=0) for name in ("cross_k", "cross_v"))
-        x = g.op("Add", x, g.linear(g.attend(q, ck, cv, D), dec_state, f"{p}.encoder_attn.out_proj"))
+        x = g.op("Add", x, g.linear(g.attend(q, ck, cv, D), dec_state, f"{p}.encoder_attn.out_proj", lora))
         h = g.layer_norm(x, dec_state, f"{p}.final_layer_norm")
-        x = g.op("Add", x, g.linear(g.gelu(g.linear(h, dec_state, f"{p}.fc1")), dec_state, f"{p}.fc2"))
+        x = g.op("Add", x, g.linear(g.gelu(g.linear(h, dec_state, f"{p}.fc1", lora)), dec_state, f"{p}.fc2", lora))
     x = g.layer_norm(x, dec_state, "layer_norm")
     last = g.op("Reshape", g.op("Slice", x, i64(-1), i64(2**62), i64(1)), i64(1, D))  # (1, D)
     g.nodes.append(helper.make_node("Identity", [last], ["hidden"]))
@@ -189,6 +217,8 @@ def decoder_model(dec_state: dict, dec_cfg, token_table: np.ndarray, weight_dtyp
     kv = lambda name, n_: helper.make_tensor_value_info(name, TensorProto.FLOAT, [L, 1, H, n_, D // H])  # noqa: E731
     inputs = [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, "new"]), kv("past_k", "past"),
               kv("past_v", "past"), kv("cross_k", "frames"), kv("cross_v", "frames")]
+    if lora is not None:
+        inputs.append(helper.make_tensor_value_info(LORA_GATE, TensorProto.FLOAT, [1]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, token_table.shape[0]]),
                helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, D]),
                kv("present_k", "total"), kv("present_v", "total")]

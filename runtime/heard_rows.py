@@ -150,7 +150,8 @@ def heard_encoder(bundle, llm, n_threads: int | None = None) -> HeardEncoder:
         vocab = WhisperVocab.from_file(bundle.file(B.WHISPER_TOKENS))
         transcriber = Transcriber(bundle.audio_encoder, bundle.file(B.TEXT_DECODER), vocab, bundle.geometry,
                                   languages=tuple(cfg.get("languages", ("en", "zh"))),
-                                  pad_seconds=float(cfg.get("pad_seconds", 0.0)), n_threads=n_threads)
+                                  pad_seconds=float(cfg.get("pad_seconds", 0.0)), n_threads=n_threads,
+                                  tuned=tuple(cfg.get("tuned", ())))
         weight = bias = None
         if bundle.optional(B.ROW_MAP) is not None:
             with np.load(bundle.file(B.ROW_MAP)) as npz:

@@ -29,6 +29,8 @@ from .audio import SAMPLE_RATE, AudioGeometry
 from .features import log_mel
 from .loops import loop_excess
 
+LORA_GATE = "lora_gate"  # export/whisper_onnx.py: the decoder graph's LoRA, 0 off, 1 on
+
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_PER_S = 10  # read speech: ~3 Whisper tokens a second in English, ~5 in Mandarin
@@ -167,7 +169,8 @@ class Transcriber:
     """Whisper's greedy transcript of a clip (see the module docstring)."""
 
     def __init__(self, encoder_path, decoder_path, vocab: WhisperVocab, geometry: AudioGeometry,
-                 languages=("en", "zh"), pad_seconds: float = 0.0, n_threads: int | None = None):
+                 languages=("en", "zh"), pad_seconds: float = 0.0, n_threads: int | None = None,
+                 tuned=()):
         bad = [code for code in languages if code not in vocab.languages]
         if bad or not languages:
             raise WhisperVocabError(f"Whisper has no language {bad[0] if bad else '(none given)'}; it knows "
@@ -175,6 +178,12 @@ class Transcriber:
         self.encoder = _session(encoder_path, n_threads)
         self.decoder = _session(decoder_path, n_threads)
         self.vocab, self.geometry, self.languages = vocab, geometry, tuple(languages)
+        gated = LORA_GATE in {i.name for i in self.decoder.get_overridable_initializers()}  # an input with a default
+        if tuned and not gated:
+            raise WhisperVocabError(f"Whisper is declared tuned for {', '.join(tuned)} but its decoder graph has no "
+                                    f"{LORA_GATE} input")
+        self.tuned = frozenset(tuned)  # languages decoded with the decoder's LoRA (its gate at 1)
+        self._gate = {g: np.full(1, g, np.float32) for g in (0.0, 1.0)} if gated else None
         self.pad = int(pad_seconds * SAMPLE_RATE)
         k = self.encoder.get_outputs()[0].shape  # (L, 1, H, frames, d_head)
         self.n_layers, self.n_heads, self.d_head = int(k[0]), int(k[2]), int(k[4])
@@ -200,10 +209,12 @@ class Transcriber:
                             x.size / SAMPLE_RATE))
         return out
 
-    def _step(self, tokens: list[int], past: tuple, cross: tuple) -> tuple:
-        logits, hidden, k, v = self.decoder.run(None, {
-            "tokens": np.asarray([tokens], np.int64), "past_k": past[0], "past_v": past[1],
-            "cross_k": cross[0], "cross_v": cross[1]})
+    def _step(self, tokens: list[int], past: tuple, cross: tuple, tuned: bool = False) -> tuple:
+        feed = {"tokens": np.asarray([tokens], np.int64), "past_k": past[0], "past_v": past[1],
+                "cross_k": cross[0], "cross_v": cross[1]}
+        if self._gate is not None:
+            feed[LORA_GATE] = self._gate[float(tuned)]
+        logits, hidden, k, v = self.decoder.run(None, feed)
         return logits[0], hidden[0], (k, v)
 
     def decode(self, part: Pass, lang: str | None = None, prefix: tuple = ()) -> Heard:
@@ -219,8 +230,11 @@ class Transcriber:
         if lang is None:
             lang = max(self.languages, key=lambda code: logits[self.vocab.languages[code]])
         prefix = [int(t) for t in prefix]
-        logits, hidden, past = self._step([self.vocab.languages[lang], sp["transcribe"], sp["notimestamps"]] + prefix,
-                                          past, cross)
+        prompt = [self.vocab.languages[lang], sp["transcribe"], sp["notimestamps"]] + prefix
+        tuned = lang in self.tuned
+        if tuned:  # the language was told by Whisper as shipped; the tuned decoder starts over, as it was trained
+            prompt, past = [sp["startoftranscript"]] + prompt, (empty, empty)
+        logits, hidden, past = self._step(prompt, past, cross, tuned)
         cap = int(MAX_TOKENS_PER_S * part.seconds) + MIN_TOKEN_CAP
         heard = Heard(tokens=list(prefix), lang=lang, no_speech=no_speech, forced=len(prefix))
         tops = [np.array([t] + [t] * (TOP_K - 1)) for t in prefix]
@@ -250,7 +264,7 @@ class Transcriber:
                 del heard.tokens[keep:], tops[keep:], probs[keep:], states[keep:]
                 heard.looped = True
                 break
-            logits, hidden, past = self._step([token], past, cross)
+            logits, hidden, past = self._step([token], past, cross, tuned)
         avg = logprob / max(len(heard.tokens) - heard.forced, 1)
         if no_speech > NO_SPEECH_P and avg < NO_SPEECH_LOGPROB:  # Whisper's test: nothing was said
             log.debug("Whisper heard no speech (p %.2f, mean log-probability %.2f)", no_speech, avg)

@@ -1,0 +1,68 @@
+"""Whisper's decoder taught a voice: a LoRA trained in torch, merged into the graphs without torch."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+sf = pytest.importorskip("soundfile")
+
+import tiny  # noqa: E402
+from llasm.export.whisper_bundle import quantized_graphs, whisper_tokens, write_graphs  # noqa: E402
+from llasm.runtime.audio import AudioGeometry  # noqa: E402
+from llasm.runtime.whisper_decode import Transcriber, WhisperVocab  # noqa: E402
+from llasm.training.whisper_lora import read_lora, save_lora  # noqa: E402
+from llasm.training.whisper_tune import TuneConfig, tune  # noqa: E402
+
+PROMPT = [269, 270, 273, 277]  # the tiny Whisper's <|startoftranscript|>, <|en|>, <|transcribe|>, <|notimestamps|>
+END = 268
+
+
+def test_a_tuned_decoder_transcribes_its_clips_as_taught_in_the_graphs(whisper_ct2, tmp_path):
+    sounds = [tiny.speech(1.2, seed=1), 0.1 * np.random.default_rng(2).standard_normal(19_200).astype(np.float32)]
+    clips = []
+    taught_ids = ([256, 257], [261, 262, 263])  # " hello world", " capital of France"
+    for i, (sound, ids) in enumerate(zip(sounds, taught_ids)):
+        sf.write(tmp_path / f"clip{i}.wav", sound, 16_000)
+        clips.append((str(tmp_path / f"clip{i}.wav"), PROMPT + ids + [END]))
+    out = tmp_path / "whisper_lora.npz"
+    report = tune(whisper_ct2, clips, clips, out, TuneConfig(rank=8, alpha=16, lr=3e-2, steps=100, batch=2),
+                  eval_every=10)
+    assert report["dev_loss"] < 0.5 * report["start_dev_loss"]  # the tiny table cannot make sure logits
+    pairs, scale, meta = read_lora(out)
+    assert meta["step"] == report["step"] and scale == 2.0
+
+    data = whisper_tokens(whisper_ct2)
+    vocab = WhisperVocab.from_tokens(data["tokens"], data["suppress"], data["suppress_begin"])
+    geometry = AudioGeometry(rows="tokens")
+    base = Transcriber(*write_graphs(whisper_ct2, tmp_path)[:2], vocab, geometry, pad_seconds=0.5)
+    (tmp_path / "tuned").mkdir()
+    graphs = write_graphs(whisper_ct2, tmp_path / "tuned", lora=out)[:2]
+    as_shipped = Transcriber(*graphs, vocab, geometry, pad_seconds=0.5)
+    tuned = Transcriber(*graphs, vocab, geometry, pad_seconds=0.5, tuned=("en",))
+    taught = ["hello world", "capital of France"]
+    assert [tuned(s, "en").text for s in sounds] == taught
+    assert [base(s, "en").text for s in sounds] != taught
+    for s in sounds:  # the gate shut: Whisper as shipped, token for token
+        assert as_shipped(s, "en").tokens == base(s, "en").tokens
+        assert tuned(s, "zh").tokens == base(s, "zh").tokens  # a language it was not tuned for
+    (tmp_path / "int8").mkdir()
+    int8 = Transcriber(*quantized_graphs(whisper_ct2, tmp_path / "int8", out), vocab, geometry, pad_seconds=0.5,
+                       tuned=("en",))
+    assert [int8(s, "en").text for s in sounds] == taught  # the gate survives quantization
+
+
+def test_a_lora_that_does_not_fit_the_decoder_is_refused(whisper_ct2, tmp_path):
+    a, b = np.ones((2, 32), np.float32), np.ones((32, 2), np.float32)
+    for i, pairs in enumerate(({"layers.0.fc1.lora_a": a}, {"layers.0.encoder_attn.k_proj.lora_a": a,
+                                                            "layers.0.encoder_attn.k_proj.lora_b": b},
+                               {"layers.0.self_attn.q_proj.lora_a": a.T, "layers.0.self_attn.q_proj.lora_b": b})):
+        save_lora(tmp_path / f"l{i}.npz", pairs, 0.5, {"rank": 2})
+        with pytest.raises(ValueError, match="Whisper LoRA"):
+            write_graphs(whisper_ct2, tmp_path, lora=tmp_path / f"l{i}.npz")
+    pairs, scale, meta = read_lora(tmp_path / "l2.npz")
+    assert scale == 0.5 and meta["rank"] == 2 and pairs["layers.0.self_attn.q_proj.lora_a"].dtype == np.float16
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable Whisper LoRA"):
+        read_lora(tmp_path / "bad.npz")
