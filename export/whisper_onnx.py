@@ -4,8 +4,8 @@ no torch, so the default bundle builds on first use from the packaged CTranslate
     encoder   mel (1, n_mels, T) -> cross_k, cross_v (L, 1, H, S, d_head): every decoder layer's cross-attention
               keys and values over the S = ceil(T / 2) encoder frames, computed once per clip
     decoder   tokens (1, n) int64, past_k, past_v (L, 1, H, P, d_head), cross_k, cross_v
-              [, lora_gate (1,) float, 0 unless given: where the graph carries a LoRA of the decoder, its
-              low-rank terms are added times this gate, so one graph is Whisper as shipped (0) or as tuned (1)]
+              [, lora_gate (1,) float, where the graph carries a LoRA of the decoder: its low-rank terms are
+              added times this gate, so one graph is Whisper as shipped (0) or as tuned (1)]
               -> logits (1, V) and hidden (1, D) of the last position, present_k, present_v (L, 1, H, P + n, d_head)
               positions P..P+n-1; causal among the new tokens; P = 0 starts a transcript
 
@@ -170,7 +170,7 @@ def encoder_model(enc_state: dict, enc_cfg, dec_state: dict, dec_cfg, weight_dty
 def decoder_model(dec_state: dict, dec_cfg, token_table: np.ndarray, weight_dtype=np.float16, lora=None):
     """The decoder step graph (see the module docstring). token_table: (V, D), also the output projection. lora:
     (pairs, scale) of training/whisper_lora.py, behind the lora_gate input."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     D, H, L = dec_cfg.d_model, dec_cfg.n_heads, dec_cfg.n_layers
     if token_table.shape[1] != D:
@@ -179,7 +179,6 @@ def decoder_model(dec_state: dict, dec_cfg, token_table: np.ndarray, weight_dtyp
     i64 = lambda *v: g.const(np.array(v, np.int64))  # noqa: E731
     if lora is not None:
         _check_lora(lora[0], dec_state)
-        g.inits.append(numpy_helper.from_array(np.zeros(1, np.float32), LORA_GATE))  # a default the caller overrides
         lora = (lora[0], lora[1], LORA_GATE)
     table = g.weight(token_table, "tokens")
     n = g.op("Slice", g.op("Shape", "tokens"), i64(1), i64(2))  # (1,) new tokens

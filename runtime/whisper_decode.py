@@ -178,7 +178,7 @@ class Transcriber:
         self.encoder = _session(encoder_path, n_threads)
         self.decoder = _session(decoder_path, n_threads)
         self.vocab, self.geometry, self.languages = vocab, geometry, tuple(languages)
-        gated = LORA_GATE in {i.name for i in self.decoder.get_overridable_initializers()}  # an input with a default
+        gated = LORA_GATE in {i.name for i in self.decoder.get_inputs()}
         if tuned and not gated:
             raise WhisperVocabError(f"Whisper is declared tuned for {', '.join(tuned)} but its decoder graph has no "
                                     f"{LORA_GATE} input")

@@ -66,3 +66,39 @@ def test_a_lora_that_does_not_fit_the_decoder_is_refused(whisper_ct2, tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a readable Whisper LoRA"):
         read_lora(tmp_path / "bad.npz")
+
+
+def test_a_release_with_a_whisper_lora_builds_it_into_the_bundle(whisper_ct2, tiny_llm_gguf, tmp_path):
+    pytest.importorskip("llama_cpp")
+    import json
+
+    from llasm.export.default import build_release
+    from llasm.runtime.bundle import read_bundle
+    from llasm.runtime.chat import LLaSM
+
+    release = tmp_path / "release"
+    release.mkdir()
+    config = {"format": "llasm-release", "version": 1,
+              "adaptor": {"kind": "whisper-decoder", "rows": "hard", "tuned": ["zh"]},
+              "base": {"whisper": str(whisper_ct2), "llm": str(tiny_llm_gguf)}}
+    (release / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="go together"):  # tuned languages without the LoRA
+        build_release(release, tmp_path / "none")
+    rng = np.random.default_rng(0)
+    save_lora(release / "whisper_lora.npz", {"layers.1.fc1.lora_a": rng.standard_normal((2, 32)),
+                                             "layers.1.fc1.lora_b": rng.standard_normal((64, 2))}, 1.0)
+    build_release(release, tmp_path / "bundle")
+    manifest = read_bundle(tmp_path / "bundle").manifest
+    assert manifest["adaptor"]["tuned"] == ["zh"] and len(manifest["provenance"]["whisper_lora"]) == 64
+    m = LLaSM.load(tmp_path / "bundle")
+    try:
+        transcriber = m.encoder.transcriber
+        assert transcriber.tuned == {"zh"}
+        b = read_bundle(tmp_path / "bundle")
+        as_shipped = Transcriber(b.audio_encoder, b.file("text_decoder"), transcriber.vocab, b.geometry,
+                                 pad_seconds=0.5)
+        x = tiny.speech(1.1, seed=11)
+        assert transcriber(x, "en").tokens == as_shipped(x, "en").tokens
+        assert transcriber(x, "zh").tokens != as_shipped(x, "zh").tokens
+    finally:
+        m.close()
