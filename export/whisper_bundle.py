@@ -38,6 +38,7 @@ TRANSCRIBE_PROMPT = {
         ["Repeat this text exactly:\nWhat is the capital of Spain?", "What is the capital of Spain?"],
         ["Repeat this text exactly:\nTell me a joke about cats.", "Tell me a joke about cats."],
         ["Repeat this text exactly:\n今天天气怎么样？", "今天天气怎么样？"],
+        ["Repeat this text exactly:\n12乘以3等于多少？", "12乘以3等于多少？"],
         ["Repeat this text exactly:\nI don't know why you said that.", "I don't know why you said that."],
     ],
 }
