@@ -126,6 +126,8 @@ def build_release(release, out, overwrite: bool = False, precision: str | None =
         return build_whisper_bundle(_local_path(cfg["base"]["whisper"]), _local_path(cfg["base"]["llm"]), out,
                                     adaptor=cfg["adaptor"], row_map=row_map if row_map.is_file() else None,
                                     whisper_lora=whisper_lora if whisper_lora.is_file() else None,
+                                    int8_probes=[q for lang in cfg["adaptor"].get("tuned", ())
+                                                 if (q := SAMPLES / f"question_{lang}.wav").is_file()],
                                     provenance={"base": cfg["base"], "release": name,
                                                 "release_digest": release_digest(release)},
                                     probe=SAMPLES / probe["audio"] if probe.get("audio") else None,

@@ -168,7 +168,7 @@ def int8_agrees(reference: tuple, quantized: tuple, vocab, geometry, clips: list
 
 
 def build_whisper_bundle(whisper_dir, llm_gguf, out, adaptor: dict | None = None, lora=None, row_map=None,
-                         whisper_lora=None,
+                         whisper_lora=None, int8_probes=(),
                          transcribe: dict | None = None, provenance: dict | None = None, probe=None,
                          expect: str | None = None, precision: str = "int8", overwrite: bool = False) -> BuildReport:
     """Write the bundle into `out` (atomically: a temporary directory beside it, renamed when checked).
@@ -178,7 +178,8 @@ def build_whisper_bundle(whisper_dir, llm_gguf, out, adaptor: dict | None = None
     precision: "int8" (where the int8 graphs hear the probe and the synthetic clip as the float graphs do; the float
     graphs ship otherwise, and the manifest's checks say why) or "fp16" (float16 weights, float32 compute).
     transcribe: the transcription prompt's manifest keys (default TRANSCRIBE_PROMPT). whisper_lora: a LoRA of
-    Whisper's decoder (training/whisper_tune.py), added to its weights; lora: the LLM's, as a GGUF adapter."""
+    Whisper's decoder (training/whisper_tune.py), in its graph; lora: the LLM's, as a GGUF adapter. int8_probes:
+    more audio the int8 graphs must hear as the float ones do (the tuned languages' samples)."""
     from ..runtime.llm import LLM
     from ..runtime.whisper_decode import WhisperVocab
 
@@ -201,6 +202,7 @@ def build_whisper_bundle(whisper_dir, llm_gguf, out, adaptor: dict | None = None
             log.info("quantizing Whisper's graphs to int8")
             quantized = quantized_graphs(whisper_dir, tmp, whisper_lora)
             clips = [load_audio(probe)] if probe is not None else []
+            clips += [load_audio(p) for p in int8_probes]
             why = int8_agrees((enc_path, dec_path), quantized, WhisperVocab.from_file(tokens_path),
                               AudioGeometry(n_mels=n_mels, rows="tokens"), clips + [probe_audio(1.5)], cfg)
             report.checks["int8"] = why or "agrees with the float graphs on the probes"

@@ -68,7 +68,7 @@ def test_a_lora_that_does_not_fit_the_decoder_is_refused(whisper_ct2, tmp_path):
         read_lora(tmp_path / "bad.npz")
 
 
-def test_a_release_with_a_whisper_lora_builds_it_into_the_bundle(whisper_ct2, tiny_llm_gguf, tmp_path):
+def test_a_release_with_a_whisper_lora_builds_it_into_the_bundle(whisper_ct2, tiny_llm_gguf, tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp")
     import json
 
@@ -84,12 +84,18 @@ def test_a_release_with_a_whisper_lora_builds_it_into_the_bundle(whisper_ct2, ti
     (release / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="go together"):  # tuned languages without the LoRA
         build_release(release, tmp_path / "none")
+    from llasm.export import whisper_bundle
+
+    probes = []
+    agrees = whisper_bundle.int8_agrees
+    monkeypatch.setattr(whisper_bundle, "int8_agrees", lambda *a: probes.append(len(a[4])) or agrees(*a))
     rng = np.random.default_rng(0)
     save_lora(release / "whisper_lora.npz", {"layers.1.fc1.lora_a": rng.standard_normal((2, 32)),
                                              "layers.1.fc1.lora_b": rng.standard_normal((64, 2))}, 1.0)
     build_release(release, tmp_path / "bundle")
     manifest = read_bundle(tmp_path / "bundle").manifest
     assert manifest["adaptor"]["tuned"] == ["zh"] and len(manifest["provenance"]["whisper_lora"]) == 64
+    assert probes == [2]  # the synthetic clip and the packaged Mandarin sample: the tuned path is checked too
     m = LLaSM.load(tmp_path / "bundle")
     try:
         transcriber = m.encoder.transcriber
