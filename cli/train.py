@@ -18,6 +18,21 @@ def _parse_value(text: str):
         return text
 
 
+def _settings(items: list[str], cls, values: dict | None = None, what: str = "settings") -> dict:
+    """--set KEY=VALUE items over `values`, checked against the fields of the dataclass cls."""
+    values = dict(values or {})
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        values[key.strip()] = _parse_value(value.strip())
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known: {sorted(known)}")
+    return values
+
+
 def _presets_dir():
     from pathlib import Path
 
@@ -70,15 +85,7 @@ def whisper_lora(argv) -> None:
         from ..training import packaged
         from ..training.whisper_tune import TuneConfig, examples, tune
 
-        values = {}
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-            values[key.strip()] = _parse_value(value.strip())
-        known = {f.name for f in fields(TuneConfig)}
-        if set(values) - known:
-            raise ValueError(f"unknown settings {sorted(set(values) - known)}; known: {sorted(known)}")
+        values = _settings(args.set, TuneConfig)
         whisper = packaged.resolve(args.whisper) if packaged.is_package_spec(args.whisper) else args.whisper
         report = tune(whisper, examples(args.train, whisper), examples(args.dev, whisper), args.out,
                       TuneConfig(**values))
@@ -108,16 +115,7 @@ def main(argv=None) -> None:
         from ..training.trainer import TrainConfig, train
 
         with open(_preset_path(args.preset), "rb") as f:
-            values = tomllib.load(f)
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-            values[key.strip()] = _parse_value(value.strip())
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown preset fields {unknown}; known: {sorted(known)}")
+            values = _settings(args.set, TrainConfig, tomllib.load(f), "preset fields")
         path = train(TrainConfig(**values))
     print(f"checkpoint: {path}")
 

@@ -113,8 +113,8 @@ def _local_path(spec: str) -> Path:
 
 def build_release(release, out, overwrite: bool = False, precision: str | None = None, name: str | None = None):
     """A bundle from an llasm-release directory (its config.json, row_map.npz and whisper_lora.npz if any),
-    torch-free; name: the
-    release mark its provenance carries (the shipped one's is RELEASE_NAME). -> the builder's report."""
+    torch-free; name: the release mark its provenance carries (the shipped one's is RELEASE_NAME). -> the builder's
+    report."""
     from .whisper_bundle import build_whisper_bundle
 
     release = Path(release)

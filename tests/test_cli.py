@@ -84,6 +84,18 @@ def test_train_rejects_unknown_preset_field(tmp_path):
     assert "unknown preset fields ['learning_rate']" in _one_line_error(r, "llasm-train")
 
 
+def test_whisper_lora_refuses_bad_input_in_one_line(whisper_ct2, tmp_path):
+    pytest.importorskip("torch")
+    manifest = tmp_path / "asr.jsonl"
+    manifest.write_text('{"audio": "a.wav", "text": "hello"}\n')
+    base = ["whisper-lora", "--train", str(manifest), "--dev", str(manifest), "-o", str(tmp_path / "l.npz")]
+    r = run("llasm.cli.train", *base, "--set", "rank=4", "--set", "depth=2")
+    assert "unknown settings ['depth']" in _one_line_error(r, "llasm-train")
+    r = run("llasm.cli.train", *base, "--whisper", str(whisper_ct2))
+    assert "has no tokenizer.json" in _one_line_error(r, "llasm-train")
+    assert not (tmp_path / "l.npz").exists()
+
+
 def test_train_cli_runs_a_shipped_preset(tiny_bases, speech_data, tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "smoke"

@@ -108,3 +108,31 @@ def test_a_release_with_a_whisper_lora_builds_it_into_the_bundle(whisper_ct2, ti
         assert transcriber(x, "zh").tokens != as_shipped(x, "zh").tokens
     finally:
         m.close()
+
+
+def test_tuning_refuses_rows_it_cannot_read_and_empty_splits(tmp_path, monkeypatch):
+    from llasm.training import whisper_tune
+
+    class Text:  # the tokenizer's part is not what is tested here
+        ids = {"endoftext": 0}
+
+        def __init__(self, _):
+            pass
+
+        def prompt(self, lang):
+            return [1, 2, 3, 4]
+
+        def text(self, sentence, lang):
+            return [5]
+
+    monkeypatch.setattr(whisper_tune, "WhisperText", Text)
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"audio": "clips/a.wav", "text": "hi", "lang": "en"}\n\n')
+    assert whisper_tune.examples([good], tmp_path) == [(str(tmp_path / "clips/a.wav"), [1, 2, 3, 4, 5, 0])]
+    for i, row in enumerate(('{"audio": "a.wav", "text": "hi"}', "not json", '["a.wav"]')):
+        bad = tmp_path / f"bad{i}.jsonl"
+        bad.write_text(good.read_text() + row + "\n")
+        with pytest.raises(ValueError, match=f"bad{i}.jsonl:3: not an ASR row with audio, text and lang"):
+            whisper_tune.examples([bad], tmp_path)
+    with pytest.raises(ValueError, match="needs training and dev clips; got 1 and 0"):
+        tune(tmp_path, [("a.wav", [1, 2, 3, 4, 5, 0])], [], tmp_path / "l.npz", TuneConfig())

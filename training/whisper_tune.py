@@ -3,8 +3,8 @@ prompt ([<|startoftranscript|>, <|lang|>, <|transcribe|>, <|notimestamps|>] + th
 frozen encoder's frames of the clip as the runtime hears it (real length + pad_seconds of silence).
 
 Only the decoder's own projections learn (TARGETS): the cross-attention keys and values are computed in the encoder
-graph, so encoder_attn.k_proj and v_proj stay as they are. The result (whisper_lora.py) is added to the weights
-when a bundle is built.
+graph, so encoder_attn.k_proj and v_proj stay as they are. The result (whisper_lora.py) goes into the bundle's
+decoder graph behind a gate, open for the release's tuned languages only (export/whisper_onnx.py).
 """
 from __future__ import annotations
 
@@ -82,7 +82,10 @@ class WhisperText:
     def __init__(self, whisper_dir):
         from tokenizers import Tokenizer
 
-        self.tok = Tokenizer.from_file(str(Path(whisper_dir) / "tokenizer.json"))
+        path = Path(whisper_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{whisper_dir} has no tokenizer.json: expected a CTranslate2 Whisper directory")
+        self.tok = Tokenizer.from_file(str(path))
         ids = {name: self.tok.token_to_id(f"<|{name}|>") for name in
                ("startoftranscript", "transcribe", "notimestamps", "endoftext")}
         if None in ids.values():
@@ -151,17 +154,23 @@ def examples(manifests: list, whisper_dir) -> list[tuple[str, list[int]]]:
     text = WhisperText(whisper_dir)
     out = []
     for m in map(Path, manifests):
-        for line in m.read_text(encoding="utf-8").splitlines():
-            if line.strip():
+        for n, line in enumerate(m.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 r = json.loads(line)
-                out.append((str(m.parent / r["audio"]), text.prompt(r["lang"]) + text.text(r["text"], r["lang"]) +
-                            [text.ids["endoftext"]]))
+                audio, sentence, lang = r["audio"], r["text"], r["lang"]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{m}:{n}: not an ASR row with audio, text and lang") from None
+            out.append((str(m.parent / audio), text.prompt(lang) + text.text(sentence, lang) + [text.ids["endoftext"]]))
     return out
 
 
 def tune(whisper_dir, train: list, dev: list, out, cfg: TuneConfig, eval_every: int = 25) -> dict:
     """Train the LoRA on (audio, tokens) examples (see `examples`); the pairs of the lowest dev loss, checked every
     eval_every steps, are saved to `out`. -> {step, dev_loss, start_dev_loss, seconds, train, dev}."""
+    if not train or not dev:
+        raise ValueError(f"Whisper's LoRA needs training and dev clips; got {len(train)} and {len(dev)}")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     encoder, decoder, table = load_whisper(whisper_dir)

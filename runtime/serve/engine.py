@@ -9,8 +9,8 @@ its audio is not encoded again. The answer depends on the request only, never on
 Why not N llama.cpp slots (parallel sequences, decoded in one batch): measured on 2 cores with the default bundle,
 one decode of 4 tokens costs 1.9x one of 1 token, so 4 slots could give up to ~2x the tokens per second of long
 answers; but a spoken request spends most of its time in Whisper and the prefill, which use both cores already (81
-requests a minute with 1 client, 84 with 4: BENCHMARKS.md), and each slot would need its own KV ledger. Worth it only where
-several clients want long answers at once.
+requests a minute with 1 client, 84 with 4: BENCHMARKS.md), and each slot would need its own KV ledger. Worth it
+only where several clients want long answers at once.
 
 Work reports to the client through emit(event), called on the worker thread, in order:
     ("piece", text)...   then   ("done", result)   or   ("error", exception)
