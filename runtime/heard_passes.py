@@ -54,6 +54,12 @@ class HeardPasses:
     def point(self) -> int:
         return (self._n + 1) * self.step
 
+    def skip(self, n_samples: int) -> None:
+        """Of the passes due over the first n_samples of the turn and not run, only the last will run: each pass
+        transcribes the whole turn so far, so the earlier ones would only delay it (speech found to have started
+        a while ago, from the audio alone: listen.UNDECIDED_SECONDS)."""
+        self._n = max(self._n, n_samples // self.step - 1)
+
     def run(self, x: np.ndarray) -> np.ndarray:
         """A pass over the turn so far: -> the rows it keeps (none where it agrees on no more whole words)."""
         self._n += 1

@@ -75,6 +75,9 @@ class Passes:
         """Samples of the turn's audio the next pass sees: STEP_ROWS more rows, and LOOKAHEAD_ROWS after them."""
         return (self.k + self.step + self.lookahead) * self.row
 
+    def skip(self, n_samples: int) -> None:
+        """Nothing to skip: each pass keeps the rows of its own stretch of audio."""
+
     def run(self, x: np.ndarray) -> np.ndarray:
         """One pass over x: -> the rows it keeps, (n, n_embd), those that end LOOKAHEAD_ROWS before x does."""
         upto = x.size // self.row - self.lookahead
@@ -260,6 +263,7 @@ class Listener:
                 self._next = audio.size + self.check  # no speech (or no pause) yet
                 return True
             self._start = span[0]
+            self.passes.skip(audio.size - self._start)  # found late: the passes due need not all run
         span = voiced_span(audio) if self.trim else None
         if span is not None and audio.size - span[1] >= PAUSE_SECONDS * SAMPLE_RATE:
             x = audio[self._start: span[1]]

@@ -625,6 +625,27 @@ def test_listening_prefills_its_guess_of_the_words_not_yet_agreed(model, said):
     assert got.prefilled == len(tail)  # the last pass heard what the guess said: its rows were computed already
 
 
+def test_speech_found_late_runs_only_the_last_pass_due(model, said, monkeypatch):
+    """Speech from the first sample, with no pause to judge the noise floor by, is taken as speech only after
+    UNDECIDED_SECONDS: of the passes due by then only the last one runs (each transcribes the whole turn so far)."""
+    from llasm.runtime import listen
+    from llasm.runtime.heard_passes import HeardPasses
+
+    ran = []
+    run = HeardPasses.run
+    monkeypatch.setattr(HeardPasses, "run", lambda self, x: ran.append(x.size) or run(self, x))
+    x = np.concatenate([tiny.speech(3.2, seed=12), np.zeros(8000, np.float32)])
+    listener = model.chat().listen()
+    for i in range(0, x.size, 1600):
+        listener.feed(x[i:i + 1600])
+        listener.wait(30)
+    step = HeardPasses(model.encoder).step
+    first = int(np.ceil(listen.UNDECIDED_SECONDS * 16000 / listener.check)) * listener.check  # the look that decides
+    assert ran[0] == first // step * step and first // step > 1  # not the passes at 0.5, 1.0, 1.5 s
+    assert ran == list(range(ran[0], ran[-1] + 1, step))  # and every one after it
+    assert "".join(listener.answer(max_tokens=3)) and listener.passes.heard.startswith("What is the France")
+
+
 def test_eval_listen_gives_what_a_listener_gives(model, said):
     from llasm.runtime.listen import ListenedEncoder, listened
 
