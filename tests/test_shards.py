@@ -124,5 +124,16 @@ def test_merge_refuses_what_is_not_one_whole_build(tmp_path, capsys):
             assert e.value.code == 1 and expected in err and "\n" not in err, err
         else:
             assert e.value.code == 2  # argparse's own usage error
+    for argv, held in [([str(parts[0].out), "--shard", "1/3"], "holds shard 0/3, not shard 1/3: give each part"),
+                       ([str(parts[0].out)], "holds shard 0/3, not an unsharded build"),
+                       ([str(tmp_path / "whole"), "--shard", "0/3"], "holds an unsharded build, not shard 0/3")]:
+        with pytest.raises(SystemExit) as e:
+            main(["build", *argv, "--limit", "4"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 1 and held in err and "llasm-data merge" in err and "\n" not in err, err
+    (parts[0].out / "part.txt").unlink()  # a part built before the mark: its dataset.json says which part it is
+    with pytest.raises(SystemExit):
+        main(["build", str(parts[0].out), "--shard", "2/3", "--limit", "4"])
+    assert "holds shard 0/3" in capsys.readouterr().err
     meta = json.loads((parts[0].out / "dataset.json").read_text())
     assert meta["shard"] == [0, 3] and meta["plan"] == json.loads((parts[1].out / "dataset.json").read_text())["plan"]

@@ -255,6 +255,28 @@ def _write_clip(path: Path, samples: np.ndarray) -> None:
     os.replace(tmp, path)  # a clip file exists only once it is complete
 
 
+PART_FILE = "part.txt"  # which part of a build a directory holds ("2/4" or "whole"), written as its build starts
+
+
+def _claim(out: Path, shard: tuple | None) -> None:
+    """Refuse a directory that holds, or is building, another part of a build: two parts in one directory would
+    share its clips, but each would write its manifests over the other's."""
+    part = f"{shard[0]}/{shard[1]}" if shard else "whole"
+    mark = out / PART_FILE
+    held = mark.read_text(encoding="utf-8").strip() if mark.is_file() else None
+    if held is None and (out / "dataset.json").is_file():  # built before the mark was written
+        try:
+            s = json.loads((out / "dataset.json").read_text(encoding="utf-8")).get("shard")
+            held = f"{s[0]}/{s[1]}" if s else "whole"
+        except (OSError, ValueError, TypeError, IndexError):
+            held = None
+    if held is not None and held != part:
+        what = lambda p: "an unsharded build" if p == "whole" else f"shard {p}"  # noqa: E731
+        raise DataBuildError(f"{out} holds {what(held)}, not {what(part)}: give each part of a build a directory "
+                             "of its own and join them with llasm-data merge")
+    mark.write_text(part + "\n", encoding="utf-8")
+
+
 def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
           engines: dict[str, Engine] | None = None, progress: bool = True,
           make: Callable[[str, str], Engine] = make_engine) -> BuildSummary:
@@ -270,6 +292,7 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
         read_vocab(config.vocab)  # a bad word list fails now, not after the questions are spoken
     out = config.out
     (out / "clips").mkdir(parents=True, exist_ok=True)
+    _claim(out, config.shard)
     pool = VoicePool(make, dict(engines or {}))
     answers = AnswerCache(out / "answers.jsonl", answer) if config.responses == "llm" else None
     summary = BuildSummary(out)
