@@ -184,7 +184,13 @@ def decoder_model(dec_state: dict, dec_cfg, token_table: np.ndarray, weight_dtyp
     n = g.op("Slice", g.op("Shape", "tokens"), i64(1), i64(2))  # (1,) new tokens
     past = g.op("Slice", g.op("Shape", "past_k"), i64(3), i64(4))  # (1,) positions already decoded
     total = g.op("Add", past, n)
-    x = g.op("Gather", table, "tokens", axis=0)  # (1, n, D)
+    half = token_table.astype(np.float16)
+    if g.dtype == np.float32 and np.array_equal(half.astype(np.float32), token_table):
+        # float32 weights are what int8 quantization reads: the output projection becomes int8, and the lookup
+        # gathers from its own float16 copy (exact: the packaged weights are float16), half the size of a float32 one
+        x = g.op("Cast", g.op("Gather", g.const(half, "token_lookup"), "tokens", axis=0), to=TensorProto.FLOAT)
+    else:
+        x = g.op("Gather", table, "tokens", axis=0)  # (1, n, D)
     x = g.op("Add", x, g.op("Slice", g.weight(dec_state["embed_positions.weight"], "positions"), past, total, i64(0)))
     # causal mask over (new query i, key j): key j is allowed when j <= past + i
     q_pos = g.op("Unsqueeze", g.op("Add", g.op("Range", i64(0), g.op("Squeeze", n), i64(1)), past), i64(1))  # (n, 1)

@@ -503,6 +503,21 @@ def test_int8_quality_check_compares_transcripts(whisper_dir, graphs, vocab, tmp
     assert int8_agrees(graphs, far, vocab, geometry, clips, cfg).startswith("probe 0: int8 heard")
 
 
+def test_int8_decoder_keeps_one_float_token_table_in_float16(whisper_dir, tmp_path):
+    """The output projection is int8; the lookup gathers from a float16 copy, exact, not from a float32 one."""
+    import onnx
+    from onnx import numpy_helper
+
+    from llasm.export.whisper_bundle import quantized_graphs
+    from llasm.training.ct2 import _model_bin, float_variable, read_ct2
+
+    table = float_variable(read_ct2(_model_bin(whisper_dir), spec="WhisperSpec"), "decoder/embeddings/weight")
+    decoder = onnx.load(str(quantized_graphs(whisper_dir, tmp_path)[1]))
+    tables = [numpy_helper.to_array(t) for t in decoder.graph.initializer if sorted(t.dims) == sorted(table.shape)]
+    assert sorted(str(t.dtype) for t in tables) == ["float16", "int8"]  # the int8 one is stored transposed
+    np.testing.assert_array_equal(next(t for t in tables if t.dtype == np.float16).astype(np.float32), table)
+
+
 def test_llasm_export_builds_a_release_as_first_use_does(whisper_dir, llm_gguf, tmp_path, monkeypatch):
     import subprocess
     import sys
