@@ -93,6 +93,8 @@ def test_whisper_lora_refuses_bad_input_in_one_line(whisper_ct2, tmp_path):
     assert "unknown settings ['depth']" in _one_line_error(r, "llasm-train")
     r = run("llasm.cli.train", *base, "--whisper", str(whisper_ct2))
     assert "has no tokenizer.json" in _one_line_error(r, "llasm-train")
+    r = run("llasm.cli.train", *base[:2], str(tmp_path / "missing.jsonl"), *base[3:], "--whisper", str(whisper_ct2))
+    assert f"cannot read the manifest {tmp_path / 'missing.jsonl'}: No such file" in _one_line_error(r, "llasm-train")
     assert not (tmp_path / "l.npz").exists()
 
 

@@ -151,10 +151,16 @@ def batch_loss(decoder, table, frames: list[torch.Tensor], seqs: list[list[int]]
 
 def examples(manifests: list, whisper_dir) -> list[tuple[str, list[int]]]:
     """(audio path, Whisper's prompt + the sentence's tokens + <|endoftext|>) per ASR row of llasm-data manifests."""
+    read = []
+    for m in map(Path, manifests):
+        try:
+            read.append((m, m.read_text(encoding="utf-8").splitlines()))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the manifest {m}: {getattr(e, 'strerror', None) or e}") from None
     text = WhisperText(whisper_dir)
     out = []
-    for m in map(Path, manifests):
-        for n, line in enumerate(m.read_text(encoding="utf-8").splitlines(), 1):
+    for m, lines in read:
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
