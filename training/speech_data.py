@@ -266,15 +266,18 @@ def _claim(out: Path, shard: tuple | None) -> None:
     held = mark.read_text(encoding="utf-8").strip() if mark.is_file() else None
     if held is None and (out / "dataset.json").is_file():  # built before the mark was written
         try:
-            s = json.loads((out / "dataset.json").read_text(encoding="utf-8")).get("shard")
+            s = manifests.read_dataset(out).get("shard")
             held = f"{s[0]}/{s[1]}" if s else "whole"
-        except (OSError, ValueError, TypeError, IndexError):
+        except (ValueError, TypeError, IndexError):
             held = None
     if held is not None and held != part:
-        what = lambda p: "an unsharded build" if p == "whole" else f"shard {p}"  # noqa: E731
-        raise DataBuildError(f"{out} holds {what(held)}, not {what(part)}: give each part of a build a directory "
-                             "of its own and join them with llasm-data merge")
+        raise DataBuildError(f"{out} holds {_part_name(held)}, not {_part_name(part)}: give each part of a build a "
+                             "directory of its own and join them with llasm-data merge")
     mark.write_text(part + "\n", encoding="utf-8")
+
+
+def _part_name(part: str) -> str:
+    return "an unsharded build" if part == "whole" else f"shard {part}"
 
 
 def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
