@@ -97,6 +97,9 @@ def main(argv=None) -> None:
     b.add_argument("--dev", type=float, default=0.0,
                    help="fraction of sentences set apart to choose checkpoints by (keep_best), taken from the "
                         "training ones; the held-out ones stay as they are (default 0: no dev split)")
+    b.add_argument("--heldout-only", action="store_true",
+                   help="an evaluation set: speak the held-out sentences only (in the training voices given and the "
+                        "--heldout-voices), no training clips; the same sentences as a full build with these options")
     b.add_argument("-q", "--quiet", action="store_true")
     m = sub.add_parser("merge", help="join the parts of a sharded build (shards 0..N-1) into OUT")
     m.add_argument("out", help="output directory")
@@ -126,7 +129,7 @@ def main(argv=None) -> None:
                              heldout_fraction=args.heldout, dev_fraction=args.dev,
                              sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
                              remix_count=args.remix_count, words_count=args.words_count,
-                             vocab=args.vocab, vocab_count=args.vocab_count)
+                             vocab=args.vocab, vocab_count=args.vocab_count, heldout_only=args.heldout_only)
         answer = _answerer(args) if args.responses == "llm" else None
         summary = build(config, answer=answer, progress=not args.quiet)
     print("\n".join(summary.lines()))

@@ -81,6 +81,31 @@ def test_held_out_sentences_and_voices_never_train(tmp_path):
     assert qa and {r["question"] for r in qa} <= {r["text"] for r in by_voice}
 
 
+def test_an_evaluation_set_speaks_the_held_out_sentences_of_the_full_build_and_nothing_else(tmp_path):
+    full, only = config(tmp_path, "full"), config(tmp_path, "eval", heldout_only=True)
+    spoken = []
+
+    def counting(lang, name):
+        voice = SineVoice(name=name)
+        voice.speak = lambda text, speed=1.0, speak=voice.speak: spoken.append(text) or speak(text, speed)
+        return voice
+
+    build(full, progress=False, make=fake)
+    build(only, progress=False, make=counting)
+    for split in ("heldout", "heldout-voice"):
+        for name in manifests.NAMES:
+            path = manifests.manifest_name(name, split)
+            assert manifests.read_jsonl(only.out / path) == manifests.read_jsonl(full.out / path), path
+    for split in ("train", "dev"):
+        assert not any(manifests.read_jsonl(only.out / manifests.manifest_name(n, split)) for n in manifests.NAMES)
+    held = {r["text"]: r["lang"] for r in manifests.read_jsonl(full.out / "asr.heldout.jsonl")}
+    assert held and set(spoken) == set(held)  # each in two training voices and its language's held-out voices
+    assert len(spoken) == sum(2 + len(only.heldout_voices_for(lang)) for lang in held.values())
+    meta = manifests.read_dataset(only.out)
+    assert meta["config"]["heldout_only"] is True and "heldout_only" not in manifests.read_dataset(full.out)["config"]
+    assert "evaluation set" in (only.out / "README.md").read_text(encoding="utf-8")
+
+
 def test_a_voice_that_cannot_load_is_skipped_and_counted(tmp_path):
     def make(lang, name):
         if name == "flite:rms":

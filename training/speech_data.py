@@ -79,6 +79,7 @@ class BuildConfig:
     words_count: int = 1000  # word lists per language, with the "words" source
     vocab: str | None = None  # word list of the "vocab" source: one word per line, most useful first
     vocab_count: int = 500  # new words per language the "vocab" source writes sentences around
+    heldout_only: bool = False  # an evaluation set: the held-out sentences alone, in every voice; nothing to train on
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -148,6 +149,10 @@ class BuildConfig:
 
     def in_shard(self, s: Sentence) -> bool:
         return self.shard is None or stable_int("shard", s.lang, s.key) % self.shard[1] == self.shard[0]
+
+    def spoken(self, s: Sentence) -> bool:
+        """Whether this build speaks the sentence: its shard's, and only the held-out ones for heldout_only."""
+        return self.in_shard(s) and (not self.heldout_only or self.split(s.text) == "heldout")
 
 
 @dataclass
@@ -367,7 +372,7 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
             into["qa"].append({"audio": clip, "question": s.text, "answers": short, **meta})
 
     def run(jobs: list[Job], desc: str) -> None:
-        mine = [job for job in jobs if config.in_shard(job.sentence)]
+        mine = [job for job in jobs if config.spoken(job.sentence)]
         with tqdm(mine, desc=desc + shard, unit="clip", disable=not progress) as bar:
             for job in bar:
                 spoken = speak(job)
@@ -400,6 +405,8 @@ def _write_metadata(config: BuildConfig, pool: VoicePool, summary: BuildSummary,
                           "training row has them" if held else "") + ". Every clip has the same variation ranges ("
                f"{augment.describe(config.noise, config.augment)})")
     config_dict = {**asdict(config), "out": str(config.out)}
+    if not config.heldout_only:  # as before the option: the shards of a build begun then still merge
+        del config_dict["heldout_only"]
     meta = {
         "config": config_dict, "voices": voices, "heldout_voices": held, "heldout": heldout,
         "shard": list(config.shard) if config.shard else None, "plan": digest,
@@ -419,6 +426,8 @@ def _write_metadata(config: BuildConfig, pool: VoicePool, summary: BuildSummary,
         f"- Responses: {config.responses}" + (" (cached in answers.jsonl)." if config.responses == "llm" else "."),
         f"- Texts: {', '.join(config.sources)} (llasm's training/sentences.py and texts.py say what each is).",
     ]
+    if config.heldout_only:
+        readme.append("- An evaluation set: only the held-out sentences were spoken (--heldout-only).")
     if config.shard:
         readme.append(f"- Shard {config.shard[0]}/{config.shard[1]}: merge all shards with `llasm-data merge`.")
     manifests.write_dataset(config.out, meta, readme)
