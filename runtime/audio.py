@@ -149,7 +149,8 @@ def load_audio(source, sample_rate: int | None = None) -> np.ndarray:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise AudioError(f"audio file not found: {path}")
+            raise AudioError(f"{path} is a directory, not an audio file" if path.is_dir() else
+                             f"audio file not found: {path}")
         what = str(path)
         samples, sample_rate = _read(what, what)
     elif isinstance(source, (bytes, bytearray, memoryview)):

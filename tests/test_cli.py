@@ -37,6 +37,8 @@ def test_missing_bundle(tmp_path):
 def test_missing_and_broken_audio(bundle, tmp_path):
     r = run("llasm.cli.local", "--bundle", str(bundle), "--audio", str(tmp_path / "missing.wav"))
     assert "audio file not found" in _one_line_error(r, "llasm-local")
+    r = run("llasm.cli.local", "--bundle", str(bundle), "--audio", str(tmp_path))
+    assert "is a directory, not an audio file" in _one_line_error(r, "llasm-local")
     bad = tmp_path / "bad.wav"
     bad.write_text("this is not audio")
     r = run("llasm.cli.local", "--bundle", str(bundle), "--audio", str(bad))
