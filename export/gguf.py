@@ -87,15 +87,7 @@ def write_gguf(model, tokenizer, path, *, dtype: str = "f16", chat_template: str
         writer.add_chat_template(template)
     for tensor_name, array in tensors.items():
         writer.add_tensor(tensor_name, array)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    except BaseException:
-        writer.close()
-        path.unlink(missing_ok=True)
-        raise
-    writer.close()
+    write_file(writer, path)
     logger.info("wrote %s: %s, %d tensors, %d tokens, %s", path, gguf.MODEL_ARCH_NAMES[arch], len(tensors),
                 n_vocab, dtype)
 
@@ -132,6 +124,19 @@ def _tensors(model, arch, matrix_dtype):
         # llama.cpp divides each rope frequency by its factor; HF stores the already-divided frequencies.
         factors = base / model.model.rotary_emb.inv_freq.detach().float().cpu()
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.numpy()
+
+
+def write_file(writer, path: Path) -> None:
+    """A GGUFWriter's header, metadata and tensors into `path`; a failure removes the partial file."""
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    except BaseException:
+        writer.close()
+        path.unlink(missing_ok=True)
+        raise
+    writer.close()
 
 
 def _rotate_half_to_interleaved(w, n_head: int):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .gguf import SUPPORTED, _rotate_half_to_interleaved
+from .gguf import SUPPORTED, _rotate_half_to_interleaved, write_file
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +39,23 @@ def write_lora_gguf(peft_model, path) -> int:
     if not pairs:
         raise ValueError("the model has no LoRA weights")
     path = Path(path)
+    tensors = {}  # every pair is mapped before the file is opened
+    for hf, ab in sorted(pairs.items()):
+        target = names.get_name(hf, try_suffixes=(".weight",))
+        if target is None or set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"cannot map LoRA weights of {hf!r} to a GGUF tensor")
+        b = ab["lora_B"]
+        if arch == gguf.MODEL_ARCH.LLAMA and target.endswith("attn_q.weight"):
+            b = _rotate_half_to_interleaved(b, config.num_attention_heads)
+        if arch == gguf.MODEL_ARCH.LLAMA and target.endswith("attn_k.weight"):
+            b = _rotate_half_to_interleaved(b, config.num_key_value_heads)
+        tensors[target + ".lora_a"] = np.ascontiguousarray(ab["lora_A"].numpy())
+        tensors[target + ".lora_b"] = np.ascontiguousarray(b.numpy())
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
-    try:
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(peft_cfg.lora_alpha))
-        for hf, ab in sorted(pairs.items()):
-            target = names.get_name(hf, try_suffixes=(".weight",))
-            if target is None or set(ab) != {"lora_A", "lora_B"}:
-                raise ValueError(f"cannot map LoRA weights of {hf!r} to a GGUF tensor")
-            b = ab["lora_B"]
-            if arch == gguf.MODEL_ARCH.LLAMA and target.endswith("attn_q.weight"):
-                b = _rotate_half_to_interleaved(b, config.num_attention_heads)
-            if arch == gguf.MODEL_ARCH.LLAMA and target.endswith("attn_k.weight"):
-                b = _rotate_half_to_interleaved(b, config.num_key_value_heads)
-            writer.add_tensor(target + ".lora_a", np.ascontiguousarray(ab["lora_A"].numpy()))
-            writer.add_tensor(target + ".lora_b", np.ascontiguousarray(b.numpy()))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    except BaseException:
-        writer.close()
-        path.unlink(missing_ok=True)
-        raise
-    writer.close()
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(peft_cfg.lora_alpha))
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    write_file(writer, path)
     return len(pairs)
