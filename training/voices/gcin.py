@@ -2,7 +2,7 @@
 (3.ogg: Edward Der-Hua Liu, GPL-3 or LGPL-3). A sentence is read syllable by syllable (pypinyin's zhuyin, digits as
 Chinese numerals) and the recordings are joined with short gaps: a human voice, without the coarticulation of
 connected speech. Held out: evaluation sets only. (The package's other files, 5.ogg, are a singing voicebank's
-samples: Whisper-base heard 97% of their characters wrong.)
+samples: through the default bundle's Whisper-base graphs, 97% CER.)
 
 A folder is named by the syllable's zhuyin and its tone: none for the first, 2-4 for ˊˇˋ, 1 for the neutral ˙
 (recorded for a few syllables only; the others read it in the first tone). speed plays the joined recordings
@@ -38,7 +38,7 @@ class GcinEngine:
             import pypinyin  # noqa: F401
             import soundfile  # noqa: F401
         except ImportError as e:
-            raise TTSError(f"the gcin voices need pypinyin, cn2an and soundfile: {HINTS['gcin']} ({e})") from None
+            raise TTSError(f"the gcin voice needs pypinyin, cn2an and soundfile: {HINTS['gcin']} ({e})") from None
         self.file, self.name, self.lang = FILES[voice.voice], voice.name, voice.lang
 
     def speak(self, text: str, speed: float = 1.0) -> tuple[np.ndarray, int]:
@@ -76,7 +76,7 @@ def syllables(text: str) -> list:
         elif PUNCTUATION.fullmatch(piece[1:]):
             out.append(None)
         else:
-            raise TTSError(f"the gcin voices read Chinese only, not {piece[1:]!r}")
+            raise TTSError(f"gcin reads Chinese only, not {piece[1:]!r}")
     return out
 
 
