@@ -62,7 +62,7 @@ class LLM:
 
     def __init__(self, path, n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
                  n_gpu_layers: int = 0, seed: int = 0, verbose: bool = False, lora_path=None,
-                 extra_bufts: bool | None = None):
+                 extra_bufts: bool | None = None, n_seq: int = 1):
         try:
             import llama_cpp
         except ImportError as e:
@@ -94,6 +94,7 @@ class LLM:
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, n_batch
         cp.n_threads = cp.n_threads_batch = n_threads
+        cp.n_seq_max, cp.kv_unified = n_seq, n_seq > 1  # complete_many's sequences share the n_ctx positions
         cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         if not self.ctx:
@@ -110,7 +111,7 @@ class LLM:
         self.n_embd = int(llama_cpp.llama_model_n_embd(self.model))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
-        self.n_batch = n_batch
+        self.n_batch, self.n_seq = n_batch, n_seq
         self._tokens = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._embeds = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
         self._n_past = 0  # KV positions held
@@ -200,6 +201,55 @@ class LLM:
             self.eval_tokens([token])
         self.truncate(0)
         return b"".join(self.piece(t) for t in out)
+
+    def complete_many(self, prompts: list[list[int]], max_tokens: int) -> list[bytes]:
+        """What complete() gives for each prompt, up to n_seq of them decoded together: one sequence each, and one
+        llama_decode a step for all that are still going (on a CPU, about twice the answers in the same time for
+        8 at once). Greedy ties may fall otherwise than one at a time. Starts from and leaves an empty cache."""
+        if len(prompts) > self.n_seq or not all(prompts):
+            raise LLMError(f"complete_many takes 1 to {self.n_seq} prompts (this context's), none empty; got "
+                           f"{[len(p) for p in prompts]} tokens")
+        self.truncate(0)
+        self._room(sum(len(p) for p in prompts) + len(prompts) * max_tokens)
+        mem = self._lib.llama_get_memory(self.ctx)
+        out: list[list[int]] = [[] for _ in prompts]
+        going: dict[int, int] = {}  # sequence -> its next token, not yet fed
+        try:
+            for seq, ids in enumerate(prompts):
+                for start in range(0, len(ids), self.n_batch):
+                    self._decode_seqs([(seq, start + i, t) for i, t in enumerate(ids[start:start + self.n_batch])],
+                                      last_only=True)
+                going[seq] = int(np.argmax(self.logits(copy=False)))
+            while True:
+                going = {seq: t for seq, t in going.items() if not self.is_eog(t) and len(out[seq]) < max_tokens}
+                for seq, t in going.items():
+                    out[seq].append(t)
+                step = [(seq, len(prompts[seq]) + len(out[seq]) - 1, t) for seq, t in going.items()
+                        if len(out[seq]) < max_tokens]
+                if not step:
+                    break
+                self._decode_seqs(step, last_only=False)
+                going = {seq: int(np.argmax(self._logits_ith(i))) for i, (seq, _, _) in enumerate(step)}
+        finally:
+            self._lib.llama_memory_clear(mem, True)
+            self._logits_at = 0
+        return [b"".join(self.piece(t) for t in ids) for ids in out]
+
+    def _decode_seqs(self, items: list[tuple], last_only: bool) -> None:
+        """(sequence, position, token) items in one llama_decode: logits for the last item, or for every item."""
+        batch = self._tokens
+        for i, (seq, pos, token) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = not last_only or i == len(items) - 1
+        batch.n_tokens = len(items)
+        self.decodes += 1
+        rc = self._lib.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise LLMError(f"llama_decode failed on {len(items)} tokens of {self.n_seq} sequences (code {rc})")
+
+    def _logits_ith(self, i: int) -> np.ndarray:
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
 
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self.vocab, token))

@@ -8,7 +8,7 @@ pytest.importorskip("llama_cpp")
 import tiny  # noqa: E402
 from llasm.runtime.bundle import read_bundle  # noqa: E402
 from llasm.runtime.kv import KVLedger, keys, size, skip  # noqa: E402
-from llasm.runtime.llm import LLM, ContextFull  # noqa: E402
+from llasm.runtime.llm import LLM, ContextFull, LLMError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +204,22 @@ def test_two_conversations_in_turn_keep_what_they_share_through_a_listener_turn_
     assert common >= len(prompt[0]) + len(prompt[1]) and r.prefilled == size(prompt) - common
     fresh.close()
     model.close()
+
+
+def test_several_prompts_decoded_together_give_what_each_gives_alone(llm, path):
+    prompts = [[int(t) for t in np.random.default_rng(seed).integers(5, 300, size=n)]
+               for seed, n in ((1, 3), (2, 11), (3, 6))]  # 11 > n_batch 8: a prompt over two decodes
+    alone = [llm.complete(p, 7) for p in prompts]
+    many = LLM(path, n_ctx=96, n_batch=8, n_seq=3)
+    try:
+        before = many.decodes
+        assert many.complete_many(prompts, 7) == alone and any(alone)
+        assert many.decodes - before <= 1 + 2 + 1 + 7  # the prompts, then one decode a step for all three
+        assert many.n_past == 0 and many.complete(prompts[1], 7) == alone[1]  # the cache is left empty
+        for bad in ([prompts[0]] * 4, [prompts[0], []]):
+            with pytest.raises(LLMError, match="takes 1 to 3 prompts"):
+                many.complete_many(bad, 7)
+        with pytest.raises(ContextFull):
+            many.complete_many(prompts, many.n_ctx // 3)  # with the 20 prompt positions: more than n_ctx
+    finally:
+        many.close()
