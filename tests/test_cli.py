@@ -135,9 +135,12 @@ def test_data_answers_come_from_a_gguf(tmp_path):
 
     tok = tiny.tokenizer()
     write_gguf(tiny.lm("qwen2", len(tok)), tok, tmp_path / "m.gguf", dtype="f32")
-    answer = _answerer(argparse.Namespace(llm=str(tmp_path / "m.gguf"), threads=1, max_answer_tokens=4))
-    a, b = answer("What is the capital of France?"), answer("What is the capital of France?")
+    answer, (many, size) = _answerer(argparse.Namespace(llm=str(tmp_path / "m.gguf"), threads=1,
+                                                        max_answer_tokens=4))
+    questions = ["What is the capital of France?", "Name a colour.", "今天天气怎么样？"]
+    a, b = answer(questions[0]), answer(questions[0])
     assert isinstance(a, str) and a == b  # greedy: the same question gets the same answer
+    assert size >= len(questions) and many(questions) == [answer(q) for q in questions]
 
 
 def test_no_default_model_is_one_clear_line(tmp_path, monkeypatch, capsys):

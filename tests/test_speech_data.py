@@ -148,6 +148,35 @@ def test_llm_answers_are_cached(tmp_path):
         build(config, engines={"en": SineVoice()}, progress=False)
 
 
+def test_llm_answers_can_come_several_at_once_before_any_clip(tmp_path):
+    config = fake_config(tmp_path, langs=("en",), responses="llm", limit=8)
+    single, groups = [], []
+
+    def answer(question):
+        single.append(question)
+        return f"LLM says: {question}"
+
+    def many(questions):
+        groups.append(list(questions))
+        if len(groups) == 2:
+            raise RuntimeError("llama_decode failed")  # this group's questions are answered one at a time
+        return [f"LLM says: {q}" if "3" not in q else "" for q in questions]  # empty: one at a time too
+
+    summary = build(config, answer=answer, answer_many=(many, 4), engines={"en": SineVoice()}, progress=False)
+    asked = [q for g in groups for q in g]
+    assert [len(g) for g in groups] == [4, 2] and len(set(asked)) == 6  # the 6 that need an answer, 4 at a time
+    late = set(groups[1]) | {q for q in groups[0] if "3" in q}
+    assert late - set(groups[1])  # an empty answer in the first group was asked again alone
+    assert sorted(single) == sorted(late) and summary.answers_computed == 6 and summary.answers_cached == 0
+    plain = fake_config(tmp_path, "plain", langs=("en",), responses="llm", limit=8)
+    build(plain, answer=answer, engines={"en": SineVoice()}, progress=False)
+    for split in ("train", "heldout"):
+        for name in ("asr", "conv", "qa"):
+            assert rows(config.out, split, name) == rows(plain.out, split, name)
+    again = build(config, answer=answer, answer_many=(many, 4), engines={"en": SineVoice()}, progress=False)
+    assert len(groups) == 2 and (again.answers_computed, again.answers_cached) == (0, 6)  # all from the cache
+
+
 def test_split_and_variation():
     assert normalize("What is  the Capital of France?") == normalize("what is the capital of france")
     assert split_of("What is 2 plus 2?", 0.5) == split_of("what is 2 plus 2", 0.5)

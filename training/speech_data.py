@@ -247,6 +247,17 @@ def plan(numbered: list[tuple[int, Sentence]], config: BuildConfig, pool: VoiceP
     return jobs
 
 
+def _kind(job: Job) -> str:
+    """The conversation kind of a sentence's first clip: j counts its language's sentences, so kinds stay put when
+    the limit grows."""
+    return KINDS[job.j % len(KINDS)]
+
+
+def _asks_llm(job: Job) -> bool:
+    """Whether the job's conversation row takes the LLM's answer (with responses 'llm'): add_rows' rule."""
+    return job.role != "second" and job.j >= 0 and _kind(job) != "instruction+speech"
+
+
 def _digest(jobs: list[Job]) -> str:
     items = [[job.sentence.lang, job.sentence.text, job.voice, job.role] for job in jobs]
     return hashlib.sha1(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
@@ -287,10 +298,12 @@ def _part_name(part: str) -> str:
 
 def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
           engines: dict[str, Engine] | None = None, progress: bool = True,
-          make: Callable[[str, str], Engine] = make_engine) -> BuildSummary:
+          make: Callable[[str, str], Engine] = make_engine,
+          answer_many: tuple[Callable[[list[str]], list[str]], int] | None = None) -> BuildSummary:
     """Build (or finish building) the data set, or config.shard's part of it, in config.out; clips that already
     exist are kept, not respoken. `engines`: per language, one engine for all its training sentences (tests);
-    `make(lang, voice)` makes the others."""
+    `make(lang, voice)` makes the others. answer_many: (many(questions) -> answers, group size): the LLM answers
+    the build needs are computed first, that many at once (an LLM decoding several sequences together)."""
     import soundfile
     from tqdm import tqdm
 
@@ -307,6 +320,9 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
     numbered = [(j, s) for lang in config.langs for j, s in enumerate(sentences(lang, config))]
     jobs = plan(numbered, config, pool)
     digests = [_digest(jobs)]
+    if answers and answer_many:
+        answers.prefetch([(job.sentence.lang, job.sentence.text) for job in jobs
+                          if config.spoken(job.sentence) and _asks_llm(job)], *answer_many, progress=progress)
     rows: dict[str, dict[str, list]] = {split: {name: [] for name in manifests.NAMES} for split in config.splits}
     shard = f" {config.shard[0]}/{config.shard[1]}" if config.shard else ""
 
@@ -355,7 +371,7 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
         if job.role == "second" or job.j < 0:
             return
         pick = random.Random(stable_int("pick", s.lang, s.key, config.seed))
-        kind = KINDS[job.j % len(KINDS)]  # j counts this language's sentences: kinds stay put when limit grows
+        kind = _kind(job)
         if not s.answers and not answers:  # a packaged text has no reference answer: the repeat task needs none
             kind = "instruction+speech"
         try:
