@@ -7,7 +7,7 @@ import argparse
 from .common import one_line_errors, setup_logging
 
 
-ANSWERS_AT_ONCE = 8  # sequences decoded together: ~2x the answers per second on 2 CPU cores (BENCHMARKS.md)
+ANSWERS_AT_ONCE = 8  # sequences decoded together: 1.8x the answers per second on 2 CPU cores (BENCHMARKS.md)
 ANSWER_CONTEXT = 512  # positions per sequence: a question of max_chars, the chat template and the answer
 
 
