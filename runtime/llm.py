@@ -204,7 +204,7 @@ class LLM:
 
     def complete_many(self, prompts: list[list[int]], max_tokens: int) -> list[bytes]:
         """What complete() gives for each prompt, up to n_seq of them decoded together: one sequence each, and one
-        llama_decode a step for all that are still going (on a CPU, about twice the answers in the same time for
+        llama_decode a step for all that are still going (on 2 CPU cores, 1.8x the answers in the same time for
         8 at once). Greedy ties may fall otherwise than one at a time. Starts from and leaves an empty cache."""
         if len(prompts) > self.n_seq or not all(prompts):
             raise LLMError(f"complete_many takes 1 to {self.n_seq} prompts (this context's), none empty; got "
@@ -249,6 +249,7 @@ class LLM:
             raise LLMError(f"llama_decode failed on {len(items)} tokens of {self.n_seq} sequences (code {rc})")
 
     def _logits_ith(self, i: int) -> np.ndarray:
+        """A view of the logits of item i of the last decoded batch (-1: its last item with logits)."""
         return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
 
     def is_eog(self, token: int) -> bool:
@@ -316,8 +317,7 @@ class LLM:
     def logits(self, copy: bool = True) -> np.ndarray:
         """Logits after the last evaluated position, (n_vocab,) float32. copy=False: a view into llama.cpp's
         buffer, valid until the next decode (the per-token sampler reads it at once)."""
-        ptr = self._lib.llama_get_logits_ith(self.ctx, -1)
-        view = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        view = self._logits_ith(-1)
         return view.copy() if copy else view
 
     def truncate(self, n: int) -> None:

@@ -169,3 +169,15 @@ def test_library_bookkeeping_is_shown_only_with_verbose():
         assert gguf_log.isEnabledFor(logging.DEBUG)
     finally:
         gguf_log.setLevel(logging.NOTSET)
+
+
+def test_data_build_passes_heldout_only_to_the_build(tmp_path, monkeypatch):
+    import llasm.training.speech_data as speech_data
+    from llasm.cli.data import main
+
+    seen = []
+    monkeypatch.setattr(speech_data, "build", lambda config, **kw: seen.append(config) or speech_data.BuildSummary(
+        config.out))
+    for argv in ([], ["--heldout-only"]):
+        main(["build", str(tmp_path / "d"), "--langs", "en", "-q", *argv])
+    assert [c.heldout_only for c in seen] == [False, True]

@@ -254,7 +254,8 @@ def _kind(job: Job) -> str:
 
 
 def _asks_llm(job: Job) -> bool:
-    """Whether the job's conversation row takes the LLM's answer (with responses 'llm'): add_rows' rule."""
+    """Whether the job's conversation row takes the LLM's answer (with responses 'llm'): add_rows asks, and
+    AnswerCache.prefetch answers, these."""
     return job.role != "second" and job.j >= 0 and _kind(job) != "instruction+speech"
 
 
@@ -375,7 +376,7 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
         if not s.answers and not answers:  # a packaged text has no reference answer: the repeat task needs none
             kind = "instruction+speech"
         try:
-            reply = answers(s.lang, s.text) if answers and kind != "instruction+speech" else \
+            reply = answers(s.lang, s.text) if answers and _asks_llm(job) else \
                 pick.choice(s.answers) if s.answers else s.text
         except Exception as e:  # the callback is user code (an LLM); a failure drops this sentence's conversation
             summary.skipped["answer failed"] += 1
