@@ -481,3 +481,35 @@ def test_dev_split_comes_from_the_training_sentences_and_leaves_the_held_out_one
     assert rows(with_dev.out, "train", "asr") == rows(plain.out, "train", "asr")
     with pytest.raises(ValueError, match="sum below 1"):
         replace(plain, dev_fraction=0.6)
+
+
+def test_a_turn_answers_a_question_gives_a_statement_a_task_and_repeats_every_fourth():
+    import random
+
+    from llasm.training.conversations import (ANSWER_INSTRUCTIONS, JOINER, REPEAT_INSTRUCTIONS, TASKS, Ask, ask,
+                                              conversation)
+    question = sentences.Sentence("en", "What is the capital of France?", "facts", ("Paris",))
+    statement = sentences.Sentence("en", "The farmer walked to the market.", "wordnet", ())
+    rng = random.Random(0)
+    for llm in (False, True):
+        assert ask("speech", question, llm, rng) == Ask("speech", None, question.text)
+        a = ask("speech+instruction", question, llm, rng)
+        assert a.question == question.text and a.typed in ANSWER_INSTRUCTIONS["en"]
+        assert ask("text", question, llm, rng).question == question.text
+        for s in (question, statement):
+            a = ask("instruction+speech", s, llm, rng)
+            assert a.kind == "instruction+speech" and a.typed in REPEAT_INSTRUCTIONS["en"] and a.question is None
+    for slot in speech_data.KINDS:  # no LLM, no reference answer: a statement can only be repeated
+        assert ask(slot, statement, False, rng).question is None
+    a = ask("speech", statement, True, rng)  # the audio alone asks nothing: its task is typed before it
+    assert a.kind == "instruction+speech" and a.typed in TASKS["en"] and a.question == a.typed + JOINER + statement.text
+    a = ask("speech+instruction", statement, True, rng)
+    assert a.typed in TASKS["en"] and a.question == statement.text + JOINER + a.typed
+    a = ask("text", statement, True, rng)
+    assert a.question.split(JOINER) == [a.typed, statement.text]
+    assert conversation(a, "c.wav", "It means ...")[0]["content"] == a.question
+    b = ask("speech+instruction", statement, True, rng)
+    assert [list(p) for p in conversation(b, "c.wav", "x")[0]["content"]] == [["audio"], ["text"]]
+    assert conversation(ask("speech", question, True, rng), "c.wav", "x")[0]["content"] == [{"audio": "c.wav"}]
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ask("audio", question, True, rng)

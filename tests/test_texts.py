@@ -83,3 +83,43 @@ def test_a_build_speaks_packaged_texts_after_the_questions(tmp_path, monkeypatch
             for line in (config.out / name).read_text(encoding="utf-8").splitlines()]
     assert {r["kind"] for r in conv if r["source"] == "wordnet"} == {"instruction+speech"}  # no reference answer
     assert any("rare" in r["text"] for r in asr)
+
+
+def test_with_an_llm_a_spoken_statement_comes_with_a_task(tmp_path, monkeypatch, tiny_zipf):
+    from llasm.training.conversations import JOINER, TASKS
+
+    pool = [f"The {w} walked over to the market with a basket." for w in
+            ("farmer", "teacher", "baker", "rare", "miller", "weaver", "potter", "tailor", "singer", "driver")]
+    monkeypatch.setattr(texts, "read", lambda source: pool)
+    config = BuildConfig(out=tmp_path / "d", langs=("en",), limit=30, seed=1, heldout_fraction=0.3, responses="llm",
+                         sources=("facts", "wordnet", "answers"))
+    asked = []
+
+    def answer(question):  # a task's answer retells its sentence in other words, as an explanation does
+        asked.append(question)
+        if JOINER in question:
+            told = [line for line in question.split(JOINER) if line in pool][0]
+            return f"So one {told.split()[1]} went off shopping for the day."
+        return f"Here is my answer to {question.rstrip('?')} now."
+
+    build(config, answer=answer, engines={"en": SineVoice()}, progress=False)
+    read = lambda name: [json.loads(line) for line in (config.out / name).read_text(encoding="utf-8").splitlines()]
+    conv = read("conv.jsonl") + read("conv.heldout.jsonl")
+    stated = [r for r in conv if r["source"] == "wordnet"]
+    assert not set(asked) & set(pool)  # the LLM is never asked a bare statement
+    assert {r["kind"] for r in stated} == {"instruction+speech", "speech+instruction", "text"}
+    for r in stated:
+        user, reply = r["turns"][0]["content"], r["turns"][1]["content"]
+        if r["kind"] == "text":  # the text path types exactly what the LLM was asked
+            assert user in asked and reply == answer(user) and user.split(JOINER)[0] in TASKS["en"]
+            continue
+        typed = [p["text"] for p in user if "text" in p][0]
+        first = "audio" if r["kind"] == "speech+instruction" else "text"
+        assert first in user[0] and len(user) == 2  # the runtime sends a recording, then the typed text
+        if typed in TASKS["en"]:
+            assert reply.startswith("So one ")
+        else:  # every fourth sentence is repeated
+            assert r["kind"] == "instruction+speech" and reply in pool
+    spoken = read("asr.jsonl")
+    assert [r for r in spoken if r["source"] == "answers"]  # the answers to the spoken questions are heard ...
+    assert not [r for r in spoken if "shopping" in r["text"]]  # ... those retelling a statement are not

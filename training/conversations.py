@@ -1,13 +1,27 @@
-"""Conversation rows: the four kinds, their instructions, and the LLM answers behind them (cached)."""
+"""Conversation rows: the four kinds, what is typed beside the audio, and the LLM answers behind them (cached).
+
+A kind is a layout of the user's turn: the audio alone (speech), the audio then typed text (speech+instruction, the
+order in which the runtime sends a recording with a typed message), typed text then the audio (instruction+speech),
+or text alone. What the turn asks depends on the sentence:
+    a question        is answered (the LLM's answer, or one of its reference answers); beside the audio, the typed
+                      text only says to answer it
+    a statement       (no reference answer: a fortune, a verse, a dictionary example) has no natural reply, and an
+                      LLM asked one bare mostly refuses it or repeats it; with an LLM it comes with a task (TASKS)
+                      typed beside the audio, and the LLM is asked the task and the sentence, laid out as the turn is
+    repeat            every fourth sentence, and every statement without an LLM: say what was said
+The text path is asked exactly what the LLM was asked, so the speech path learns to behave like it.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .sentences import Sentence
+if TYPE_CHECKING:
+    from .sentences import Sentence
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +34,11 @@ REPEAT_INSTRUCTIONS = {
     "en": ["Repeat what the speaker said.", "Write down the speaker's words.", "What did the speaker say?"],
     "zh": ["重复说话人说的话。", "写下你听到的内容。", "说话人说了什么？"],
 }
+TASKS = {  # typed beside a spoken statement; chosen for answers with content (training/README.md, measured)
+    "en": ["Explain what this sentence means.", "Sum this up in a few words."],
+    "zh": ["解释这句话的意思。", "把这句话翻译成英文。"],
+}
+JOINER = "\n"  # between the task and the sentence in a question, as runtime.prompt joins audio and text parts
 QA_SOURCES = ("math", "facts", "chatterbot/trivia", "chatterbot/science", "chatterbot/history")
 QA_MAX_WORDS = 4  # longer reference answers cannot be matched inside a free-form reply
 
@@ -76,13 +95,48 @@ class AnswerCache:
         self.computed += len(answered)
 
 
-def conversation(kind: str, s: Sentence, clip: str, answer: str, rng: random.Random) -> list[dict]:
-    if kind == "speech":
+def is_question(s: Sentence) -> bool:
+    return bool(s.answers) or s.text.rstrip().endswith(("?", "？"))
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A sentence's conversation turn before its answer. typed: the text beside the audio (None: none); question:
+    what the text path is asked, the LLM's question (None: a repeat, whose answer is the sentence)."""
+
+    kind: str
+    typed: str | None
+    question: str | None
+
+
+def ask(slot: str, s: Sentence, llm: bool, rng: random.Random) -> Ask:
+    """The turn for a sentence whose place gives it kind `slot` (one of KINDS); llm: answers come from the LLM."""
+    if slot not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {slot!r}")
+    if slot == "instruction+speech" or not (s.answers or llm):  # nothing to answer it with: repeat it
+        return Ask("instruction+speech", rng.choice(REPEAT_INSTRUCTIONS[s.lang]), None)
+    if is_question(s):
+        typed = rng.choice(ANSWER_INSTRUCTIONS[s.lang]) if slot == "speech+instruction" else None
+        return Ask(slot, typed, s.text)
+    task = rng.choice(TASKS[s.lang])
+    if slot == "speech+instruction":
+        return Ask(slot, task, s.text + JOINER + task)
+    return Ask("instruction+speech" if slot == "speech" else slot, task, task + JOINER + s.text)
+
+
+def is_task(question: str) -> bool:
+    """Whether a cached question is a task about a statement rather than a spoken question itself."""
+    return JOINER in question
+
+
+def conversation(a: Ask, clip: str, answer: str) -> list[dict]:
+    """The rows' turns; answer: the question's answer, or the sentence itself for a repeat."""
+    if a.kind == "text":
+        user = a.question
+    elif a.typed is None:
         user = [{"audio": clip}]
-    elif kind == "speech+instruction":
-        user = [{"text": rng.choice(ANSWER_INSTRUCTIONS[s.lang])}, {"audio": clip}]
-    elif kind == "instruction+speech":
-        user, answer = [{"text": rng.choice(REPEAT_INSTRUCTIONS[s.lang])}, {"audio": clip}], s.text
+    elif a.kind == "speech+instruction":
+        user = [{"audio": clip}, {"text": a.typed}]
     else:
-        user = s.text
+        user = [{"text": a.typed}, {"audio": clip}]
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]

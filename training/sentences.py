@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from . import texts as text_sources
+from .conversations import is_task
 
 if TYPE_CHECKING:
     from .speech_data import BuildConfig
@@ -207,10 +208,12 @@ def answer_sentences(lang: str, answer: str, max_chars: int) -> list[str]:
 
 def answer_texts(lang: str, known: dict, config: BuildConfig, spoken: set) -> list[Sentence]:
     """ASR-only sentences from the cached answers to training questions, in a seeded order: none is a held-out
-    sentence by the split rule, none repeats a sentence spoken as a question (`spoken`: normalized keys)."""
+    sentence by the split rule, none repeats a sentence spoken as a question (`spoken`: normalized keys). Answers
+    to tasks about statements are left out: they explain or translate their sentence, so they hold its words, and
+    the question's split is not the sentence's."""
     by_key = {}
     for (row_lang, question), answer in known.items():
-        if row_lang != lang or config.split(question) != "train":
+        if row_lang != lang or is_task(question) or config.split(question) != "train":
             continue
         for text in answer_sentences(lang, answer, config.max_chars):
             key = normalize(text)

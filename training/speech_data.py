@@ -11,10 +11,10 @@
                 `manifests.merge` joins their directories into what one build would have made
     manifests   asr / conv / qa rows per split (manifests.py), dataset.json, README.md
 
-Conversation rows (the first voice's clip) cycle through four kinds: the spoken question alone; spoken question + a
-text instruction; a text instruction about spoken content (repeat it); the question as text only. Answers come from
-the corpus, or from an `answer(question) -> str` callback (an LLM) whose results are cached in answers.jsonl. A voice
-that cannot load, or a sentence it cannot speak, is skipped and counted.
+Conversation rows (the first voice's clip) cycle through four kinds (conversations.py): the audio alone, the audio
+then typed text, typed text then the audio (a repeat, or a task about a spoken statement), text alone. Answers come
+from the corpus, or from an `answer(question) -> str` callback (an LLM) whose results are cached in answers.jsonl. A
+voice that cannot load, or a sentence it cannot speak, is skipped and counted.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import numpy as np
 from ..runtime.audio import MIN_SAMPLES, SAMPLE_RATE
 from . import augment, manifests, texts
 from .augment import Variation, render
-from .conversations import KINDS, QA_MAX_WORDS, QA_SOURCES, AnswerCache, conversation
+from .conversations import KINDS, QA_MAX_WORDS, QA_SOURCES, Ask, AnswerCache, ask, conversation
 from .sentences import (DEFAULT_SOURCES, SOURCES, DataBuildError, Sentence, derived, read_vocab, sentences, split_of,
                         stable_int)
 from .voices import Engine, TTSError, catalog, check_training, make_engine, parse
@@ -247,16 +247,15 @@ def plan(numbered: list[tuple[int, Sentence]], config: BuildConfig, pool: VoiceP
     return jobs
 
 
-def _kind(job: Job) -> str:
-    """The conversation kind of a sentence's first clip: j counts its language's sentences, so kinds stay put when
-    the limit grows."""
-    return KINDS[job.j % len(KINDS)]
-
-
-def _asks_llm(job: Job) -> bool:
-    """Whether the job's conversation row takes the LLM's answer (with responses 'llm'): add_rows asks, and
-    AnswerCache.prefetch answers, these."""
-    return job.role != "second" and job.j >= 0 and _kind(job) != "instruction+speech"
+def _ask(job: Job, config: BuildConfig) -> Ask | None:
+    """The conversation turn of a sentence's first clip (None: the job has no conversation row). Its kind cycles with
+    j, which counts its language's sentences, so kinds stay put when the limit grows; its choices are seeded by the
+    sentence. add_rows writes it, and AnswerCache.prefetch answers its question beforehand."""
+    if job.role == "second" or job.j < 0:
+        return None
+    s = job.sentence
+    pick = random.Random(stable_int("pick", s.lang, s.key, config.seed))
+    return ask(KINDS[job.j % len(KINDS)], s, config.responses == "llm", pick)
 
 
 def _digest(jobs: list[Job]) -> str:
@@ -322,8 +321,8 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
     jobs = plan(numbered, config, pool)
     digests = [_digest(jobs)]
     if answers and answer_many:
-        answers.prefetch([(job.sentence.lang, job.sentence.text) for job in jobs
-                          if config.spoken(job.sentence) and _asks_llm(job)], *answer_many, progress=progress)
+        asks = [(job.sentence.lang, _ask(job, config)) for job in jobs if config.spoken(job.sentence)]
+        answers.prefetch([(lang, a.question) for lang, a in asks if a and a.question], *answer_many, progress=progress)
     rows: dict[str, dict[str, list]] = {split: {name: [] for name in manifests.NAMES} for split in config.splits}
     shard = f" {config.shard[0]}/{config.shard[1]}" if config.shard else ""
 
@@ -369,21 +368,18 @@ def build(config: BuildConfig, answer: Callable[[str], str] | None = None,
         meta = {"lang": s.lang, "source": s.source, "split": split}
         into = rows["heldout-voice" if job.role == "heldout-voice" else split]
         into["asr"].append({"audio": clip, "text": s.text, **meta, **audio_meta})
-        if job.role == "second" or job.j < 0:
+        a = _ask(job, config)
+        if a is None:
             return
-        pick = random.Random(stable_int("pick", s.lang, s.key, config.seed))
-        kind = _kind(job)
-        if not s.answers and not answers:  # a packaged text has no reference answer: the repeat task needs none
-            kind = "instruction+speech"
         try:
-            reply = answers(s.lang, s.text) if answers and _asks_llm(job) else \
-                pick.choice(s.answers) if s.answers else s.text
+            reply = s.text if a.question is None else answers(s.lang, a.question) if answers else \
+                random.Random(stable_int("answer", s.lang, s.key, config.seed)).choice(s.answers)
         except Exception as e:  # the callback is user code (an LLM); a failure drops this sentence's conversation
             summary.skipped["answer failed"] += 1
-            log.warning("no answer for %r: %s", s.text, e)
+            log.warning("no answer for %r: %s", a.question, e)
             return
-        turns = conversation(kind, s, clip, reply, pick)
-        into["conv"].append({"turns": turns, "kind": kind, **meta, **(audio_meta if kind != "text" else {})})
+        into["conv"].append({"turns": conversation(a, clip, reply), "kind": a.kind, **meta,
+                             **(audio_meta if a.kind != "text" else {})})
         short = [a for a in s.answers if 0 < len(a.split()) <= QA_MAX_WORDS]
         if s.source in QA_SOURCES and short:  # questions with a short checkable answer: spoken-QA evaluation
             into["qa"].append({"audio": clip, "question": s.text, "answers": short, **meta})
