@@ -35,7 +35,7 @@ REPEAT_INSTRUCTIONS = {
     "zh": ["重复说话人说的话。", "写下你听到的内容。", "说话人说了什么？"],
 }
 TASKS = {  # typed beside a spoken statement; chosen for answers with content (training/README.md, measured)
-    "en": ["Explain what this sentence means.", "Sum this up in a few words."],
+    "en": ["Explain what this sentence means.", "Who or what is this sentence about?"],
     "zh": ["解释这句话的意思。", "把这句话翻译成英文。"],
 }
 JOINER = "\n"  # between the task and the sentence in a question, as runtime.prompt joins audio and text parts
