@@ -103,7 +103,10 @@ def test_with_an_llm_a_spoken_statement_comes_with_a_task(tmp_path, monkeypatch,
         return f"Here is my answer to {question.rstrip('?')} now."
 
     build(config, answer=answer, engines={"en": SineVoice()}, progress=False)
-    read = lambda name: [json.loads(line) for line in (config.out / name).read_text(encoding="utf-8").splitlines()]
+
+    def read(name):
+        return [json.loads(line) for line in (config.out / name).read_text(encoding="utf-8").splitlines()]
+
     conv = read("conv.jsonl") + read("conv.heldout.jsonl")
     stated = [r for r in conv if r["source"] == "wordnet"]
     assert not set(asked) & set(pool)  # the LLM is never asked a bare statement
