@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from ..runtime.prompt import PromptFormat
+
 if TYPE_CHECKING:
     from .sentences import Sentence
 
@@ -38,7 +40,7 @@ TASKS = {  # typed beside a spoken statement; chosen for answers with content (t
     "en": ["Explain what this sentence means.", "Who or what is this sentence about?"],
     "zh": ["解释这句话的意思。", "把这句话翻译成英文。"],
 }
-JOINER = "\n"  # between the task and the sentence in a question, as runtime.prompt joins audio and text parts
+JOINER = PromptFormat.audio_joiner  # the task and the sentence in a question, as a turn joins audio and text
 QA_SOURCES = ("math", "facts", "chatterbot/trivia", "chatterbot/science", "chatterbot/history")
 QA_MAX_WORDS = 4  # longer reference answers cannot be matched inside a free-form reply
 
