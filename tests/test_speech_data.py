@@ -511,5 +511,8 @@ def test_a_turn_answers_a_question_gives_a_statement_a_task_and_repeats_every_fo
     b = ask("speech+instruction", statement, True, rng)
     assert [list(p) for p in conversation(b, "c.wav", "x")[0]["content"]] == [["audio"], ["text"]]
     assert conversation(ask("speech", question, True, rng), "c.wav", "x")[0]["content"] == [{"audio": "c.wav"}]
+    asked = sentences.Sentence("en", "Why is the sky blue?", "fortunes", ())  # a packaged question: asked bare
+    assert ask("speech", asked, True, rng) == Ask("speech", None, asked.text)
+    assert ask("speech", asked, False, rng).question is None  # nothing to answer it with
     with pytest.raises(ValueError, match="kind must be one of"):
         ask("audio", question, True, rng)
